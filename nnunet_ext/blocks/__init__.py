@@ -1,0 +1,1 @@
+"""Small dimension-agnostic building blocks shared by the networks."""

@@ -1,0 +1,66 @@
+"""Attention blocks for any spatial dimension (the dimension follows `conv_op`)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
+
+_LINEAR_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+class AttentionGate(nn.Module):
+    """Additive attention gate (Oktay et al., "Attention U-Net: Learning Where to Look for the
+    Pancreas", MIDL 2018, eq. 1-2).
+
+    alpha = sigmoid(psi(ReLU(W_x x + W_g g))) is computed at the gating signal's (coarser)
+    resolution, W_x being a convolution with kernel = stride = the scale factor between the two,
+    then resampled linearly to the skip's size; the gate returns x * alpha.
+    """
+
+    def __init__(self, conv_op: type[nn.Module], skip_channels: int, gating_channels: int,
+                 stride: Sequence[int], inter_channels: int | None = None):
+        super().__init__()
+        inter = inter_channels or max(skip_channels // 2, 1)
+        stride = tuple(stride)
+        self.theta = conv_op(skip_channels, inter, kernel_size=stride, stride=stride, bias=False)
+        self.phi = conv_op(gating_channels, inter, kernel_size=1, bias=True)
+        self.psi = conv_op(inter, 1, kernel_size=1, bias=True)
+        self.mode = _LINEAR_MODES[convert_conv_op_to_dim(conv_op)]
+
+    def coefficients(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Attention coefficients alpha in (0, 1), one channel, at the size of the skip `x`."""
+        alpha = torch.sigmoid(self.psi(F.relu(self.theta(x) + self.phi(g))))
+        return F.interpolate(alpha, size=x.shape[2:], mode=self.mode, align_corners=False)
+
+    def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return x * self.coefficients(x, g)
+
+
+class NonLocalSelfAttention(nn.Module):
+    """Self-attention over all positions of a feature map (seed 002; the SAGAN/non-local block).
+
+    Query and key are 1x1 convolutions to channels // reduction, value keeps the channels; the
+    attention is softmax(Q K^T) V over positions, unscaled as in the seed, and the block returns
+    x + gamma * attention with gamma initialised to 0, so it starts as the identity.
+    """
+
+    def __init__(self, conv_op: type[nn.Module], channels: int, reduction: int = 8):
+        super().__init__()
+        qk = max(channels // reduction, 1)
+        self.query = conv_op(channels, qk, kernel_size=1)
+        self.key = conv_op(channels, qk, kernel_size=1)
+        self.value = conv_op(channels, channels, kernel_size=1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def tokens(t):  # (b, c, *spatial) -> (b, 1 head, positions, c)
+            return t.flatten(2).transpose(1, 2).unsqueeze(1)
+
+        out = F.scaled_dot_product_attention(tokens(self.query(x)), tokens(self.key(x)), tokens(self.value(x)),
+                                             scale=1.0)
+        return x + self.gamma * out.squeeze(1).transpose(1, 2).reshape(x.shape)

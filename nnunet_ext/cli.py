@@ -1,0 +1,232 @@
+"""The `nnunet-ext` command: env, list, doctor, make-dataset, demo."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from nnunet_ext import discovery
+from nnunet_ext.registry import ARCHITECTURES
+
+SUPPORTED_NNUNET = ("2.8", "2.9")  # [lower, upper) of the nnunetv2 releases this version is tested on
+
+
+def _message(error: Exception) -> str:
+    """An exception's text (KeyError's str() would quote it)."""
+    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_env(args) -> int:
+    print(discovery.env_line())
+    return 0
+
+
+def cmd_list(args) -> int:
+    rows = [["architecture", "trainer", "2D", "3D", "fast paths", "summary"]]
+    for arch in ARCHITECTURES.values():
+        paths = ", ".join(f"{p.name}: {'active' if not p.missing() else 'off (needs ' + ', '.join(p.missing()) + ')'}"
+                          for p in arch.fast_paths) or "-"
+        rows.append([arch.name, arch.trainer, "yes" if 2 in arch.dims else "no", "yes" if 3 in arch.dims else "no",
+                     paths, arch.summary])
+    print(_table(rows))
+    from nnunet_ext.trainers import SCHEDULES
+
+    print("\nShort-schedule variants (tests, demos): "
+          + ", ".join(f"<trainer>_{s} ({e} epoch(s) x {i} iterations)" for s, (e, i, _) in SCHEDULES.items()))
+    return 0
+
+
+def _doctor_checks(args):
+    """Yield (ok, what, fix) triples; ok is True, False (a problem) or None (a note)."""
+    version = importlib.metadata.version("nnunetv2")
+    major_minor = tuple(int(p) for p in version.split(".")[:2])
+    low, high = (tuple(int(p) for p in v.split(".")) for v in SUPPORTED_NNUNET)
+    yield (low <= major_minor < high, f"nnunetv2 {version}",
+           f"pip install 'nnunetv2>={SUPPORTED_NNUNET[0]},<{SUPPORTED_NNUNET[1]}'")
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = f"CUDA ({torch.cuda.get_device_name(0)})" if cuda else "no CUDA GPU: train and predict with -device cpu"
+    yield True, f"torch {torch.__version__}, {device}", ""
+
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        value = os.environ.get(var)
+        yield (value is not None and Path(value).is_dir(), f"{var}={value or '(unset)'}",
+               f"export {var}=/path/to/{var} (an existing folder; see nnU-Net's setting_up_paths.md)")
+
+    yield (discovery.is_configured(), f"{discovery.ENV_VAR}={os.environ.get(discovery.ENV_VAR) or '(unset)'}",
+           'eval "$(nnunet-ext env)"')
+    if discovery.is_configured():
+        import nnunet_ext.trainers as ours
+
+        for arch in ARCHITECTURES.values():
+            try:
+                found = discovery.find_trainer_like_nnunet(arch.trainer)
+                ok = found is getattr(ours, arch.trainer)
+                what = f"nnU-Net finds {arch.trainer}" + ("" if ok else f" but as a different class ({found.__module__})")
+            except Exception as e:  # any failure of the lookup is what this check reports
+                ok, what = False, f"nnU-Net cannot find {arch.trainer}: {type(e).__name__}: {e}"
+            yield ok, what, f"another folder on {discovery.ENV_VAR} defines {arch.trainer}, or an import fails there"
+
+    for arch in ARCHITECTURES.values():
+        for path in arch.fast_paths:
+            missing = path.missing()
+            yield (None if missing else True, f"{arch.name}: {path.name} " + ("active" if not missing else
+                   f"off, needs {', '.join(missing)}; the PyTorch path is used"), "")
+
+    if args.dataset is not None:
+        yield from _doctor_plans(args)
+
+
+def _doctor_plans(args):
+    """Can every architecture be built from this dataset's plans configuration?"""
+    from nnunet_ext.plans_io import load_configuration
+    from nnunet_ext.topology import Topology
+
+    try:
+        cm, num_inputs, num_heads = load_configuration(args.dataset, args.configuration, args.plans)
+        topology = Topology.from_plans(cm)
+    except Exception as e:  # reported with its message, which says what to do
+        yield False, f"plans {args.dataset}/{args.plans}/{args.configuration}: {_message(e)}", ""
+        return
+    yield True, f"plans {args.plans} '{args.configuration}': {topology.dim}D, {topology.n_stages} stages, " \
+                f"patch {list(topology.patch_size)}", ""
+    for arch in ARCHITECTURES.values():
+        try:
+            net = arch.build(topology, num_inputs, num_heads)
+            yield True, f"{arch.name} builds: {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters", ""
+        except Exception as e:
+            yield False, f"{arch.name} cannot take these plans: {_message(e)}", ""
+
+
+def cmd_doctor(args) -> int:
+    problems = 0
+    for ok, what, fix in _doctor_checks(args):
+        mark = {True: "ok  ", False: "FAIL", None: "note"}[ok]
+        print(f"[{mark}] {what}")
+        if ok is False:
+            problems += 1
+            if fix:
+                print(f"       fix: {fix}")
+    print(f"\n{problems} problem(s) found." if problems else "\nAll checks passed.")
+    return 1 if problems else 0
+
+
+def cmd_make_dataset(args) -> int:
+    from nnunet_ext.synthetic import make_dataset
+
+    raw = args.raw or os.environ.get("nnUNet_raw")
+    if not raw:
+        print("error: give --raw or set nnUNet_raw", file=sys.stderr)
+        return 2
+    folder = make_dataset(raw, args.dataset_id, args.name, dim=args.dim, n_cases=args.cases,
+                          n_channels=args.channels, n_labels=args.labels, regions=args.regions,
+                          ignore_label=args.ignore_label, seed=args.seed,
+                          **({"shape": args.shape} if args.shape else {}),
+                          **({"spacing": args.spacing} if args.spacing else {}))
+    print(folder)
+    return 0
+
+
+DEMO_MARKER = ".nnunet_ext_demo"
+
+
+def cmd_demo(args) -> int:
+    from nnunet_ext.pipeline import Workspace
+    from nnunet_ext.synthetic import make_dataset
+
+    root = Path(args.dir).resolve()
+    if root.exists() and any(root.iterdir()) and not (root / DEMO_MARKER).exists():
+        print(f"error: {root} exists and is not an nnunet-ext demo folder; choose another --dir "
+              "(the demo replaces its folder's contents).", file=sys.stderr)
+        return 2
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    (root / DEMO_MARKER).touch()
+    ws, log = Workspace(root), root / "demo.log"
+    dataset, cfg, trainer = "999", args.configuration, args.trainer
+
+    def step(text, command, *cmd_args):
+        print(f"==> {text}", flush=True)
+        ws.run(command, *cmd_args, log=log)
+
+    print(f"==> Writing a tiny synthetic dataset to {ws.raw}", flush=True)
+    make_dataset(ws.raw, 999, "Demo")
+    step(f"nnUNetv2_plan_and_preprocess -d {dataset} -c {cfg}", "nnUNetv2_plan_and_preprocess",
+         "-d", dataset, "-c", cfg, "-np", "2", "--verify_dataset_integrity")
+    step(f"nnUNetv2_train {dataset} {cfg} 0 -tr {trainer} -device {args.device}", "nnUNetv2_train",
+         dataset, cfg, "0", "-tr", trainer, "-device", args.device)
+    predictions = root / "predictions"
+    step(f"nnUNetv2_predict -i imagesTs -o {predictions} -d {dataset} -c {cfg} -f 0 -tr {trainer}",
+         "nnUNetv2_predict", "-i", ws.raw / "Dataset999_Demo" / "imagesTs", "-o", predictions,
+         "-d", dataset, "-c", cfg, "-f", "0", "-tr", trainer, "-device", args.device)
+    dice = ws.validation_dice("Dataset999_Demo", trainer, cfg)
+    print(f"\nValidation Dice (nnU-Net's evaluation of fold 0): "
+          + ", ".join(f"label {k}: {v:.3f}" for k, v in dice.items() if k != "foreground_mean")
+          + f"; foreground mean {dice['foreground_mean']:.3f}")
+    print(f"Predictions: {predictions}\nFull log: {log}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnunet-ext", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("env", help=f"print the export line for {discovery.ENV_VAR}; use: eval \"$(nnunet-ext env)\"")
+    sub.add_parser("list", help="architectures, trainers, 2D/3D support and optional fast paths")
+
+    p = sub.add_parser("doctor", help="check nnU-Net, its variables, trainer discovery, torch and extras")
+    p.add_argument("-d", "--dataset", help="also check that every architecture can be built from this "
+                                           "dataset's plans (name or id)")
+    p.add_argument("-c", "--configuration", default="3d_fullres")
+    p.add_argument("-p", "--plans", default="nnUNetPlans")
+
+    p = sub.add_parser("make-dataset", help="write a tiny synthetic nnU-Net raw dataset")
+    p.add_argument("--raw", help="nnU-Net raw folder (default: $nnUNet_raw)")
+    p.add_argument("--dataset-id", type=int, default=999)
+    p.add_argument("--name", default="Synthetic")
+    p.add_argument("--dim", type=int, choices=(2, 3), default=3)
+    p.add_argument("--cases", type=int, default=10)
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--labels", type=int, default=2)
+    p.add_argument("--shape", type=int, nargs="+", help="array order, e.g. 40 48 48")
+    p.add_argument("--spacing", type=float, nargs="+", help="array order, e.g. 2 1 1")
+    p.add_argument("--regions", action="store_true")
+    p.add_argument("--ignore-label", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("demo", help="synthetic dataset -> plan -> train (short) -> predict -> Dice, on CPU")
+    p.add_argument("--dir", default="nnunet_ext_demo", help="workspace folder (replaced on each run)")
+    p.add_argument("-c", "--configuration", default="3d_fullres", choices=("2d", "3d_fullres"))
+    p.add_argument("-tr", "--trainer", default="nnUNetTrainerAttentionUNet_demo")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
+    return parser
+
+
+COMMANDS = {"env": cmd_env, "list": cmd_list, "doctor": cmd_doctor, "make-dataset": cmd_make_dataset,
+            "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        print(f"nnunet-ext {args.command}: error: {_message(e)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Attention U-Net on nnU-Net's planned U-Net topology, 2D and 3D from one implementation.
+
+Oktay et al., "Attention U-Net: Learning Where to Look for the Pancreas", MIDL 2018: an additive
+attention gate on every skip connection, gated by the coarser decoder features. Seed 002 adds a
+non-local self-attention (query/key/value, softmax over positions, gamma initialised to 0); we
+place it on the encoder outputs of the stages whose token count at the patch size is at most
+`self_attention_max_tokens`, i.e. the low-resolution stages and the bottleneck. See
+docs/attention_unet.md for every deviation from the papers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+
+from nnunet_ext.blocks.attention import AttentionGate, NonLocalSelfAttention
+from nnunet_ext.networks.base import SegmentationNetwork
+from nnunet_ext.topology import Topology
+
+
+class AttentionUNetDecoder(UNetDecoder):
+    """nnU-Net's U-Net decoder with an attention gate on each skip (gated by the features below)."""
+
+    def __init__(self, encoder, num_classes: int, n_conv_per_stage, deep_supervision: bool, attention_gates: bool):
+        super().__init__(encoder, num_classes, n_conv_per_stage, deep_supervision)
+        n = len(encoder.output_channels)
+        self.gates = nn.ModuleList(
+            AttentionGate(encoder.conv_op, encoder.output_channels[-(s + 1)], encoder.output_channels[-s],
+                          encoder.strides[-s])
+            for s in range(1, n)) if attention_gates else None
+
+    def forward(self, skips):
+        x, outputs = skips[-1], []
+        for s, (up, stage, seg) in enumerate(zip(self.transpconvs, self.stages, self.seg_layers)):
+            skip = skips[-(s + 2)]
+            if self.gates is not None:
+                skip = self.gates[s](skip, x)
+            x = stage(torch.cat((up(x), skip), 1))
+            if self.deep_supervision or s == len(self.stages) - 1:
+                outputs.append(seg(x))
+        outputs = outputs[::-1]  # highest resolution first
+        return outputs if self.deep_supervision else outputs[0]
+
+
+class AttentionUNet(SegmentationNetwork):
+    """Attention U-Net.
+
+    Args:
+        topology: the plans' U-Net layout (`Topology.from_plans`); a ResEnc plan gives a residual encoder.
+        input_channels, num_classes: input modalities and output heads (nnU-Net's segmentation heads).
+        deep_supervision: return one logit map per decoder stage, highest resolution first.
+        self_attention_max_tokens: stages with at most this many positions at the patch size get
+            seed 002's self-attention (0 disables it).
+        attention_gates: the Oktay gates on the skips (False gives nnU-Net's plain U-Net, for ablation).
+    """
+
+    def __init__(self, topology: Topology, input_channels: int, num_classes: int, deep_supervision: bool = True,
+                 self_attention_max_tokens: int = 4096, attention_gates: bool = True):
+        super().__init__(topology)
+        self.encoder = topology.build_encoder(input_channels)
+        self.self_attention_stages = [s for s, size in enumerate(topology.feature_map_sizes())
+                                      if math.prod(size) <= self_attention_max_tokens]
+        self.self_attention = nn.ModuleDict({
+            str(s): NonLocalSelfAttention(topology.conv_op, topology.features_per_stage[s])
+            for s in self.self_attention_stages})
+        self.decoder = AttentionUNetDecoder(self.encoder, num_classes, list(topology.n_conv_per_stage_decoder),
+                                            deep_supervision, attention_gates)
+        self.initialize()
+
+    def forward_features(self, x):
+        skips = self.encoder(x)
+        for s, attention in self.self_attention.items():
+            skips[int(s)] = attention(skips[int(s)])
+        return self.decoder(skips)

@@ -1,0 +1,53 @@
+"""What every nnunet-ext network shares: the nnU-Net output contract and input padding."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
+
+from nnunet_ext.topology import Topology
+
+
+class SegmentationNetwork(nn.Module):
+    """Base class: subclasses set `self.encoder` (returns one skip per stage) and `self.decoder`
+    (has `deep_supervision`; returns a list of logits, highest resolution first, or one tensor).
+
+    Inputs whose size is not a multiple of the total stride are zero-padded up to one and every
+    output is cropped back, so any input size works (nnU-Net's patches always divide already).
+    """
+
+    def __init__(self, topology: Topology):
+        super().__init__()
+        self.total_stride = topology.total_stride
+        # Stride of each deep-supervision output relative to the input, highest resolution first.
+        self.output_strides = [tuple(math.prod(s[a] for s in topology.strides[:i + 1]) for a in range(topology.dim))
+                               for i in range(topology.n_stages - 1)]
+
+    def initialize(self) -> None:
+        """nnU-Net's initialisation: He-normal convolutions, residual branches starting at zero."""
+        self.apply(InitWeights_He(1e-2))
+        self.apply(init_last_bn_before_add_to_0)
+
+    def forward_features(self, x: torch.Tensor):
+        """Encoder then decoder on an input whose size divides the total stride."""
+        return self.decoder(self.encoder(x))
+
+    def forward(self, x: torch.Tensor):
+        size = x.shape[2:]
+        pad = [(-s) % t for s, t in zip(size, self.total_stride)]
+        if not any(pad):
+            return self.forward_features(x)
+        x = F.pad(x, [p for axis in reversed(pad) for p in (0, axis)])
+        out = self.forward_features(x)
+
+        def crop(y, stride):
+            return y[(..., *(slice(0, math.ceil(s / st)) for s, st in zip(size, stride)))]
+
+        if isinstance(out, torch.Tensor):
+            return crop(out, self.output_strides[0])
+        return [crop(y, st) for y, st in zip(out, self.output_strides)]

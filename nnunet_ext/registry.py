@@ -1,0 +1,96 @@
+"""The one registry of architectures: trainers, tests, `nnunet-ext list` and benchmarks read it.
+
+Adding an architecture is one network module, one `register(...)` call here and a few lines of
+trainer in `nnunet_ext/trainers.py`. Network classes are imported only when built, so reading the
+registry never imports an optional dependency.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from nnunet_ext.topology import PlansError, Topology
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """An optional accelerated code path: active when its packages import and its device is present."""
+
+    name: str
+    packages: tuple[str, ...]
+    needs_cuda: bool = True
+
+    def missing(self) -> list[str]:
+        """What stops this path on this machine (empty when it is active)."""
+        missing = [f"package {p}" for p in self.packages if importlib.util.find_spec(p) is None]
+        if self.needs_cuda:
+            import torch
+
+            if not torch.cuda.is_available():
+                missing.append("a CUDA GPU")
+        return missing
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    trainer: str
+    network: str  # "module:Class"; the class takes (topology, input_channels, num_classes, deep_supervision, **options)
+    dims: tuple[int, ...]
+    summary: str
+    reference: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    fast_paths: tuple[FastPath, ...] = ()
+
+    def network_class(self) -> type:
+        module, cls = self.network.split(":")
+        return getattr(importlib.import_module(module), cls)
+
+    def build(self, topology: Topology, input_channels: int, num_classes: int,
+              deep_supervision: bool = True, **options):
+        """Build the network on `topology`; `options` override the registered defaults."""
+        if topology.dim not in self.dims:
+            raise PlansError(f"Architecture '{self.name}' supports {'/'.join(f'{d}D' for d in self.dims)} "
+                             f"configurations, but these plans are {topology.dim}D.")
+        unknown = set(options) - set(self.options)
+        if unknown:
+            raise TypeError(f"Unknown option(s) {sorted(unknown)} for '{self.name}'; "
+                            f"known: {sorted(self.options)}.")
+        return self.network_class()(topology, input_channels, num_classes,
+                                    deep_supervision=deep_supervision, **{**self.options, **options})
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register(arch: Architecture) -> Architecture:
+    if arch.name in ARCHITECTURES:
+        raise ValueError(f"Architecture '{arch.name}' is registered twice.")
+    ARCHITECTURES[arch.name] = arch
+    return arch
+
+
+def get_architecture(name: str) -> Architecture:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, ARCHITECTURES, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise KeyError(f"Unknown architecture '{name}'.{hint} Registered: {', '.join(ARCHITECTURES)} "
+                       "(see `nnunet-ext list`).") from None
+
+
+register(Architecture(
+    name="attention_unet",
+    trainer="nnUNetTrainerAttentionUNet",
+    network="nnunet_ext.networks.attention_unet:AttentionUNet",
+    dims=(2, 3),
+    summary="nnU-Net's U-Net with additive attention gates on every skip and non-local "
+            "self-attention at the low-resolution stages",
+    reference="Oktay et al., Attention U-Net, MIDL 2018; seed 002 (self-attention)",
+    options={"self_attention_max_tokens": 4096, "attention_gates": True},
+))

@@ -1,0 +1,159 @@
+"""The U-Net topology nnU-Net planned, read once from the plans for every architecture.
+
+nnU-Net 2.8 stores the network in `configurations.<cfg>.architecture` as the constructor
+arguments of a dynamic_network_architectures U-Net (`PlainConvUNet` for the default plans,
+`ResidualEncoderUNet` for the ResEnc plans). Every nnunet-ext network is built from a
+:class:`Topology`, never from the raw dictionary, so the differences between plan kinds are
+handled here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+import pydoc
+from dataclasses import dataclass
+from typing import Sequence
+
+from torch import nn
+
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
+from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
+
+
+class PlansError(ValueError):
+    """Plans that an nnunet-ext network cannot be built from; the message says what to do."""
+
+
+def _tuples(values: Sequence, dim: int, n: int, what: str) -> tuple[tuple[int, ...], ...]:
+    """Per-stage values (scalars or lists) as `n` tuples of length `dim`."""
+    if len(values) != n:
+        raise PlansError(f"'{what}' has {len(values)} entries but the plans have {n} stages.")
+    out = []
+    for v in values:
+        v = (int(v),) * dim if isinstance(v, (int, float)) else tuple(int(i) for i in v)
+        if len(v) != dim:
+            raise PlansError(f"'{what}' entry {list(v)} does not match the {dim}D convolutions of these plans.")
+        out.append(v)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Encoder/decoder layout of one plans configuration.
+
+    `n_blocks_per_stage` counts convolutions per encoder stage in plain plans and residual blocks
+    in ResEnc plans (`residual_encoder=True`); :meth:`build_encoder` builds the matching
+    dynamic_network_architectures encoder, which returns one skip per stage.
+    """
+
+    conv_op: type[nn.Module]
+    features_per_stage: tuple[int, ...]
+    kernel_sizes: tuple[tuple[int, ...], ...]
+    strides: tuple[tuple[int, ...], ...]
+    n_blocks_per_stage: tuple[int, ...]
+    n_conv_per_stage_decoder: tuple[int, ...]
+    patch_size: tuple[int, ...]
+    residual_encoder: bool = False
+    conv_bias: bool = True
+    norm_op: type[nn.Module] | None = None
+    norm_op_kwargs: dict | None = None
+    dropout_op: type[nn.Module] | None = None
+    dropout_op_kwargs: dict | None = None
+    nonlin: type[nn.Module] | None = None
+    nonlin_kwargs: dict | None = None
+
+    def __post_init__(self):
+        n, dim = self.n_stages, self.dim
+        if n < 2:
+            raise PlansError(f"The plans have {n} stage(s); a U-Net needs at least 2.")
+        for what in ("kernel_sizes", "strides", "n_blocks_per_stage"):
+            if len(getattr(self, what)) != n:
+                raise PlansError(f"'{what}' has {len(getattr(self, what))} entries but the plans have {n} stages.")
+        if len(self.n_conv_per_stage_decoder) != n - 1:
+            raise PlansError(f"'n_conv_per_stage_decoder' needs {n - 1} entries for {n} stages, "
+                             f"got {len(self.n_conv_per_stage_decoder)}.")
+        if len(self.patch_size) != dim:
+            raise PlansError(f"Patch size {list(self.patch_size)} does not match the {dim}D convolutions of these plans.")
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.features_per_stage)
+
+    @property
+    def dim(self) -> int:
+        return convert_conv_op_to_dim(self.conv_op)
+
+    @property
+    def total_stride(self) -> tuple[int, ...]:
+        """Product of all strides: inputs must be a multiple of this per axis."""
+        return tuple(math.prod(s[a] for s in self.strides) for a in range(self.dim))
+
+    def feature_map_sizes(self, input_size: Sequence[int] | None = None) -> list[tuple[int, ...]]:
+        """Spatial size of each encoder stage's output for `input_size` (default: the patch size)."""
+        size = tuple(input_size or self.patch_size)
+        sizes = []
+        for stride in self.strides:
+            size = tuple(math.ceil(i / s) for i, s in zip(size, stride))
+            sizes.append(size)
+        return sizes
+
+    def build_encoder(self, input_channels: int) -> PlainConvEncoder | ResidualEncoder:
+        common = dict(input_channels=input_channels, n_stages=self.n_stages,
+                      features_per_stage=list(self.features_per_stage), conv_op=self.conv_op,
+                      kernel_sizes=[list(k) for k in self.kernel_sizes], strides=[list(s) for s in self.strides],
+                      conv_bias=self.conv_bias, norm_op=self.norm_op, norm_op_kwargs=self.norm_op_kwargs,
+                      dropout_op=self.dropout_op, dropout_op_kwargs=self.dropout_op_kwargs,
+                      nonlin=self.nonlin, nonlin_kwargs=self.nonlin_kwargs, return_skips=True)
+        if self.residual_encoder:
+            return ResidualEncoder(n_blocks_per_stage=list(self.n_blocks_per_stage), **common)
+        return PlainConvEncoder(n_conv_per_stage=list(self.n_blocks_per_stage), **common)
+
+    @classmethod
+    def from_plans(cls, configuration_manager) -> "Topology":
+        """Read the topology of an nnU-Net `ConfigurationManager` (default or ResEnc plans)."""
+        arch = configuration_manager.configuration.get("architecture")
+        if not isinstance(arch, dict) or "arch_kwargs" not in arch:
+            raise PlansError("This plans configuration has no 'architecture' entry with 'arch_kwargs'. "
+                             "nnunet-ext reads nnU-Net >= 2.4 plans; re-run nnUNetv2_plan_and_preprocess "
+                             "(or nnUNetv2_plan_experiment) with nnunetv2 2.8.")
+        kw = dict(arch["arch_kwargs"])
+        for key in arch.get("_kw_requires_import", ()):
+            if kw.get(key) is not None:
+                name, kw[key] = kw[key], pydoc.locate(kw[key])
+                if kw[key] is None:
+                    raise PlansError(f"Plans name '{name}' for '{key}', which cannot be imported.")
+        if "n_blocks_per_stage" in kw:
+            blocks, residual = kw["n_blocks_per_stage"], True
+        elif "n_conv_per_stage" in kw:
+            blocks, residual = kw["n_conv_per_stage"], False
+        else:
+            raise PlansError(f"Plans network '{arch.get('network_class_name')}' is not a U-Net "
+                             "(no 'n_conv_per_stage' or 'n_blocks_per_stage'); nnunet-ext builds on nnU-Net's "
+                             "default or ResEnc plans (nnUNetPlans, nnUNetResEncUNet*Plans).")
+        missing = [k for k in ("n_stages", "features_per_stage", "conv_op", "kernel_sizes", "strides",
+                               "n_conv_per_stage_decoder") if k not in kw]
+        if missing:
+            raise PlansError(f"Plans network '{arch.get('network_class_name')}' lacks {missing}; "
+                             "nnunet-ext builds on nnU-Net's default or ResEnc plans.")
+        conv_op = kw["conv_op"]
+        if not (isinstance(conv_op, type) and issubclass(conv_op, (nn.Conv2d, nn.Conv3d))):
+            raise PlansError(f"Plans conv_op {conv_op} is neither Conv2d nor Conv3d.")
+        n, dim = int(kw["n_stages"]), convert_conv_op_to_dim(conv_op)
+        per_stage = lambda v: [v] * n if isinstance(v, int) else list(v)  # noqa: E731
+        features = per_stage(kw["features_per_stage"])
+        decoder = kw["n_conv_per_stage_decoder"]
+        return cls(
+            conv_op=conv_op,
+            features_per_stage=tuple(int(f) for f in features),
+            kernel_sizes=_tuples(per_stage(kw["kernel_sizes"]), dim, n, "kernel_sizes"),
+            strides=_tuples(per_stage(kw["strides"]), dim, n, "strides"),
+            n_blocks_per_stage=tuple(int(b) for b in per_stage(blocks)),
+            n_conv_per_stage_decoder=tuple([decoder] * (n - 1) if isinstance(decoder, int) else decoder),
+            patch_size=tuple(int(p) for p in configuration_manager.patch_size),
+            residual_encoder=residual,
+            conv_bias=bool(kw.get("conv_bias", True)),
+            norm_op=kw.get("norm_op"), norm_op_kwargs=kw.get("norm_op_kwargs"),
+            dropout_op=kw.get("dropout_op"), dropout_op_kwargs=kw.get("dropout_op_kwargs"),
+            nonlin=kw.get("nonlin"), nonlin_kwargs=kw.get("nonlin_kwargs"),
+        )

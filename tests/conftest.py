@@ -1,0 +1,62 @@
+"""Shared fixtures: plans topologies of the shapes nnU-Net produces, small enough for CPU tests."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from nnunet_ext.topology import Topology
+
+
+def make_topology(dim: int, strides, features, patch_size, residual: bool = False, blocks: int = 2) -> Topology:
+    conv, norm = (nn.Conv2d, nn.InstanceNorm2d) if dim == 2 else (nn.Conv3d, nn.InstanceNorm3d)
+    n = len(strides)
+    kernels = [tuple(1 if s == 1 and i == 0 and dim == 3 and strides[1][0] == 1 else 3 for s in st)
+               for i, st in enumerate(strides)]  # nnU-Net uses 1-wide kernels along an unpooled anisotropic axis
+    return Topology(conv_op=conv, features_per_stage=tuple(features), kernel_sizes=tuple(kernels),
+                    strides=tuple(tuple(s) for s in strides), n_blocks_per_stage=(blocks,) * n,
+                    n_conv_per_stage_decoder=(2,) * (n - 1), patch_size=tuple(patch_size),
+                    residual_encoder=residual, norm_op=norm, norm_op_kwargs={"eps": 1e-5, "affine": True},
+                    nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True})
+
+
+# (id, topology, input channels). Topologies nnU-Net plans: 2D/3D, 4 to 7 stages, anisotropic
+# first strides, patch sizes that are not powers of two, plain and residual (ResEnc) encoders.
+TOPOLOGIES = {
+    "2d_4stages_1ch": (make_topology(2, [(1, 1), (2, 2), (2, 2), (2, 2)], [8, 16, 32, 32], (40, 56)), 1),
+    "2d_7stages_4ch": (make_topology(2, [(1, 1)] + [(2, 2)] * 6, [4, 8, 16, 32, 32, 32, 32], (128, 192)), 4),
+    "3d_5stages_aniso_4ch": (make_topology(3, [(1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2)],
+                                           [4, 8, 16, 32, 32], (20, 48, 32)), 4),
+    "3d_4stages_resenc_1ch": (make_topology(3, [(1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2)], [4, 8, 16, 32],
+                                            (24, 40, 16), residual=True, blocks=1), 1),
+    "3d_6stages_1ch": (make_topology(3, [(1, 1, 1)] + [(2, 2, 2)] * 5, [4, 8, 16, 16, 32, 32], (64, 64, 32)), 1),
+}
+
+
+@pytest.fixture(params=list(TOPOLOGIES), ids=list(TOPOLOGIES))
+def topology_case(request):
+    return TOPOLOGIES[request.param]
+
+
+@pytest.fixture(scope="session")
+def planned(tmp_path_factory):
+    """A tiny synthetic 3D dataset, planned and preprocessed for 2d and 3d_fullres by the stock command,
+    with ResEnc (M) plans next to the default ones. Shared by every test that needs real plans."""
+    from nnunet_ext.pipeline import Workspace
+    from nnunet_ext.synthetic import make_dataset
+
+    ws = Workspace(tmp_path_factory.mktemp("nnunet"))
+    make_dataset(ws.raw, 999, "Tiny", shape=(24, 40, 40), spacing=(3.0, 1.0, 1.0))
+    ws.run("nnUNetv2_plan_and_preprocess", "-d", "999", "-c", "2d", "3d_fullres", "-np", "2",
+           "--verify_dataset_integrity")
+    ws.run("nnUNetv2_plan_experiment", "-d", "999", "-pl", "nnUNetPlannerResEncM")
+    ws.dataset = "Dataset999_Tiny"
+    return ws
+
+
+@pytest.fixture
+def nnunet_env(planned, monkeypatch):
+    """The planned workspace's nnU-Net variables in this process's environment."""
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
+        monkeypatch.setenv(key, planned.env()[key])
+    return planned

@@ -1,0 +1,117 @@
+"""The network contract (../shared/ARCHITECTURES.md), checked for every registered architecture.
+
+Every test here is parametrised over the registry and over plans topologies, so an architecture
+gets all of them by registering.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import TOPOLOGIES
+from nnunet_ext.registry import ARCHITECTURES
+
+NUM_CLASSES = 3
+
+
+def build(arch_name, topology, in_ch, deep_supervision=True):
+    arch = ARCHITECTURES[arch_name]
+    if topology.dim not in arch.dims:
+        pytest.fail(f"{arch_name} is registered without {topology.dim}D; test it with a supported topology")
+    torch.manual_seed(0)
+    return arch.build(topology, in_ch, NUM_CLASSES, deep_supervision=deep_supervision)
+
+
+def expected_shapes(topology, batch, size):
+    shapes, stride = [], [1] * topology.dim
+    for s in topology.strides[:-1]:
+        stride = [a * b for a, b in zip(stride, s)]
+        shapes.append((batch, NUM_CLASSES, *(math.ceil(i / st) for i, st in zip(size, stride))))
+    return shapes
+
+
+arch_names = pytest.mark.parametrize("arch_name", list(ARCHITECTURES))
+
+
+@arch_names
+def test_deep_supervision_outputs(arch_name, topology_case):
+    topology, in_ch = topology_case
+    net = build(arch_name, topology, in_ch)
+    x = torch.randn(2, in_ch, *topology.patch_size)
+    out = net(x)
+    assert isinstance(out, list)
+    assert [tuple(o.shape) for o in out] == expected_shapes(topology, 2, topology.patch_size)
+
+    net.decoder.deep_supervision = False
+    single = net(x)
+    assert isinstance(single, torch.Tensor) and single.shape == out[0].shape
+
+
+@arch_names
+def test_any_input_size_is_padded_and_cropped(arch_name, topology_case):
+    topology, in_ch = topology_case
+    size = [p - 3 for p in topology.patch_size]  # not a multiple of the total stride
+    out = build(arch_name, topology, in_ch)(torch.randn(1, in_ch, *size))
+    assert [tuple(o.shape) for o in out] == expected_shapes(topology, 1, size)
+
+
+@arch_names
+def test_every_parameter_gets_a_gradient(arch_name, topology_case):
+    """Two SGD steps: parameters initialised to switch a branch off (gamma = 0, zeroed residual
+    norms) only receive a gradient once the first step has switched it on."""
+    topology, in_ch = topology_case
+    net = build(arch_name, topology, in_ch)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    x = torch.randn(2, in_ch, *topology.patch_size)
+    reached = {name: False for name, _ in net.named_parameters()}
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss = sum(o.square().mean() * 0.5 ** i for i, o in enumerate(net(x)))
+        loss.backward()
+        for name, p in net.named_parameters():
+            assert p.grad is not None, f"{name} is not part of the graph"
+            assert torch.isfinite(p.grad).all(), name
+            reached[name] |= bool(p.grad.abs().sum() > 0)
+        optimizer.step()
+    assert [n for n, ok in reached.items() if not ok] == []
+
+
+@arch_names
+def test_state_dict_independent_of_deep_supervision(arch_name):
+    topology, in_ch = next(t for t in TOPOLOGIES.values() if t[0].dim in ARCHITECTURES[arch_name].dims)
+    with_ds = build(arch_name, topology, in_ch, deep_supervision=True)
+    without = build(arch_name, topology, in_ch, deep_supervision=False)
+    a, b = with_ds.state_dict(), without.state_dict()
+    assert list(a) == list(b)
+    assert all(a[k].shape == b[k].shape for k in a)
+    without.load_state_dict(a, strict=True)  # what nnU-Net's inference does with a training checkpoint
+    x = torch.randn(1, in_ch, *topology.patch_size)
+    with_ds.eval(), without.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(without(x), with_ds(x)[0])
+
+
+@arch_names
+def test_eval_is_deterministic(arch_name, topology_case):
+    topology, in_ch = topology_case
+    net = build(arch_name, topology, in_ch).eval()
+    x = torch.randn(1, in_ch, *topology.patch_size)
+    with torch.no_grad():
+        first, second = net(x), net(x)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@arch_names
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_autocast_forward_is_finite(arch_name, topology_case, dtype):
+    topology, in_ch = topology_case
+    net = build(arch_name, topology, in_ch)
+    x = torch.randn(1, in_ch, *topology.patch_size)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        out = net(x)
+    assert [tuple(o.shape) for o in out] == expected_shapes(topology, 1, topology.patch_size)
+    assert all(torch.isfinite(o).all() for o in out)
