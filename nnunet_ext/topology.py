@@ -140,16 +140,20 @@ class Topology:
         if not (isinstance(conv_op, type) and issubclass(conv_op, (nn.Conv2d, nn.Conv3d))):
             raise PlansError(f"Plans conv_op {conv_op} is neither Conv2d nor Conv3d.")
         n, dim = int(kw["n_stages"]), convert_conv_op_to_dim(conv_op)
-        per_stage = lambda v: [v] * n if isinstance(v, int) else list(v)  # noqa: E731
+
+        def per_stage(value, stages=n):  # plans may give one value for all stages
+            return [value] * stages if isinstance(value, int) else list(value)
+
         features = per_stage(kw["features_per_stage"])
-        decoder = kw["n_conv_per_stage_decoder"]
+        if len(features) != n:
+            raise PlansError(f"'features_per_stage' has {len(features)} entries but the plans have {n} stages.")
         return cls(
             conv_op=conv_op,
             features_per_stage=tuple(int(f) for f in features),
             kernel_sizes=_tuples(per_stage(kw["kernel_sizes"]), dim, n, "kernel_sizes"),
             strides=_tuples(per_stage(kw["strides"]), dim, n, "strides"),
             n_blocks_per_stage=tuple(int(b) for b in per_stage(blocks)),
-            n_conv_per_stage_decoder=tuple([decoder] * (n - 1) if isinstance(decoder, int) else decoder),
+            n_conv_per_stage_decoder=tuple(int(c) for c in per_stage(kw["n_conv_per_stage_decoder"], n - 1)),
             patch_size=tuple(int(p) for p in configuration_manager.patch_size),
             residual_encoder=residual,
             conv_bias=bool(kw.get("conv_bias", True)),

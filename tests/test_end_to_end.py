@@ -1,0 +1,93 @@
+"""End to end through the stock commands, for every registered architecture in 2d and 3d_fullres:
+nnUNetv2_train (short schedule, CPU) -> nnUNetv2_predict in a fresh process -> nnUNetv2_evaluate_simple,
+and a `--c` resume. Each training takes one to two minutes on two CPU cores."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_ext.registry import ARCHITECTURES
+
+pytestmark = pytest.mark.e2e
+
+CASES = [(arch.name, cfg) for arch in ARCHITECTURES.values() for cfg in ("2d", "3d_fullres")
+         if (2 if cfg == "2d" else 3) in arch.dims]
+LABELS = {0, 1, 2}
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{a}-{c}" for a, c in CASES])
+def trained(request, planned):
+    arch_name, configuration = request.param
+    trainer = f"{ARCHITECTURES[arch_name].trainer}_debug"
+    planned.run("nnUNetv2_train", "999", configuration, "0", "-tr", trainer, "-device", "cpu")
+    fold = planned.fold_dir(planned.dataset, trainer, configuration)
+    return planned, trainer, configuration, fold
+
+
+def validation_cases(ws) -> list[str]:
+    return json.loads((ws.preprocessed / ws.dataset / "splits_final.json").read_text())[0]["val"]
+
+
+def test_training_finished_with_finite_losses(trained):
+    ws, trainer, configuration, fold = trained
+    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["trainer_name"] == trainer
+    logging = checkpoint["logging"]
+    assert len(logging["train_losses"]) == 1  # the debug schedule: one epoch
+    assert all(math.isfinite(v) for v in logging["train_losses"] + logging["val_losses"])
+    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    assert math.isfinite(summary["foreground_mean"]["Dice"])
+
+
+def test_predict_from_final_checkpoint_keeps_geometry_and_matches_validation(trained, tmp_path):
+    ws, trainer, configuration, fold = trained
+    raw = ws.raw / ws.dataset
+    cases = validation_cases(ws)
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for case in cases:
+        shutil.copy(raw / "imagesTr" / f"{case}_0000.nii.gz", inputs)
+    ws.run("nnUNetv2_predict", "-i", inputs, "-o", outputs, "-d", "999", "-c", configuration, "-f", "0",
+           "-tr", trainer, "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", "1", "-nps", "1")
+
+    for case in cases:
+        image = sitk.ReadImage(str(inputs / f"{case}_0000.nii.gz"))
+        prediction = sitk.ReadImage(str(outputs / f"{case}.nii.gz"))
+        assert prediction.GetSize() == image.GetSize()
+        np.testing.assert_allclose(prediction.GetSpacing(), image.GetSpacing())
+        np.testing.assert_allclose(prediction.GetOrigin(), image.GetOrigin())
+        np.testing.assert_allclose(prediction.GetDirection(), image.GetDirection())
+        assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= LABELS
+
+    ws.run("nnUNetv2_evaluate_simple", raw / "labelsTr", outputs, "-l", "1", "2", "-np", "1", "--chill")
+    ours = json.loads((outputs / "summary.json").read_text())["foreground_mean"]["Dice"]
+    nnunet_validation = json.loads((fold / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"]
+    # Same network, cases and sliding window with mirroring: the stock predictor must reproduce validation.
+    assert ours == pytest.approx(nnunet_validation, abs=0.01)
+
+
+def test_continue_training_reloads_the_checkpoint(trained):
+    """`--c` after a run that stopped before its final save: nnU-Net rebuilds our network from the
+    checkpoint's trainer name, loads it strictly, writes checkpoint_final and validates again."""
+    ws, trainer, configuration, fold = trained
+    final = fold / "checkpoint_final.pth"
+    before = torch.load(final, map_location="cpu", weights_only=False)
+    dice_before = json.loads((fold / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"]
+    final.rename(fold / "checkpoint_latest.pth")
+    shutil.rmtree(fold / "validation")
+
+    ws.run("nnUNetv2_train", "999", configuration, "0", "-tr", trainer, "-device", "cpu", "--c")
+
+    after = torch.load(final, map_location="cpu", weights_only=False)
+    assert after["current_epoch"] == before["current_epoch"]
+    for key, value in before["network_weights"].items():
+        assert torch.equal(after["network_weights"][key], value), key
+    dice_after = json.loads((fold / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"]
+    assert dice_after == pytest.approx(dice_before, abs=1e-6)
