@@ -25,10 +25,8 @@ class PlansError(ValueError):
     """Plans that an nnunet-ext network cannot be built from; the message says what to do."""
 
 
-def _tuples(values: Sequence, dim: int, n: int, what: str) -> tuple[tuple[int, ...], ...]:
-    """Per-stage values (scalars or lists) as `n` tuples of length `dim`."""
-    if len(values) != n:
-        raise PlansError(f"'{what}' has {len(values)} entries but the plans have {n} stages.")
+def _tuples(values: Sequence, dim: int, what: str) -> tuple[tuple[int, ...], ...]:
+    """Per-stage values (scalars or lists) as tuples of length `dim`; Topology checks their count."""
     out = []
     for v in values:
         v = (int(v),) * dim if isinstance(v, (int, float)) else tuple(int(i) for i in v)
@@ -150,8 +148,8 @@ class Topology:
         return cls(
             conv_op=conv_op,
             features_per_stage=tuple(int(f) for f in features),
-            kernel_sizes=_tuples(per_stage(kw["kernel_sizes"]), dim, n, "kernel_sizes"),
-            strides=_tuples(per_stage(kw["strides"]), dim, n, "strides"),
+            kernel_sizes=_tuples(per_stage(kw["kernel_sizes"]), dim, "kernel_sizes"),
+            strides=_tuples(per_stage(kw["strides"]), dim, "strides"),
             n_blocks_per_stage=tuple(int(b) for b in per_stage(blocks)),
             n_conv_per_stage_decoder=tuple(int(c) for c in per_stage(kw["n_conv_per_stage_decoder"], n - 1)),
             patch_size=tuple(int(p) for p in configuration_manager.patch_size),

@@ -42,8 +42,7 @@ def test_training_finished_with_finite_losses(trained):
     logging = checkpoint["logging"]
     assert len(logging["train_losses"]) == 1  # the debug schedule: one epoch
     assert all(math.isfinite(v) for v in logging["train_losses"] + logging["val_losses"])
-    summary = json.loads((fold / "validation" / "summary.json").read_text())
-    assert math.isfinite(summary["foreground_mean"]["Dice"])
+    assert math.isfinite(ws.validation_dice(ws.dataset, trainer, configuration)["foreground_mean"])
 
 
 def test_predict_from_final_checkpoint_keeps_geometry_and_matches_validation(trained, tmp_path):
@@ -68,7 +67,7 @@ def test_predict_from_final_checkpoint_keeps_geometry_and_matches_validation(tra
 
     ws.run("nnUNetv2_evaluate_simple", raw / "labelsTr", outputs, "-l", "1", "2", "-np", "1", "--chill")
     ours = json.loads((outputs / "summary.json").read_text())["foreground_mean"]["Dice"]
-    nnunet_validation = json.loads((fold / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"]
+    nnunet_validation = ws.validation_dice(ws.dataset, trainer, configuration)["foreground_mean"]
     # Same network, cases and sliding window with mirroring: the stock predictor must reproduce validation.
     assert ours == pytest.approx(nnunet_validation, abs=0.01)
 
@@ -79,7 +78,7 @@ def test_continue_training_reloads_the_checkpoint(trained):
     ws, trainer, configuration, fold = trained
     final = fold / "checkpoint_final.pth"
     before = torch.load(final, map_location="cpu", weights_only=False)
-    dice_before = json.loads((fold / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"]
+    dice_before = ws.validation_dice(ws.dataset, trainer, configuration)["foreground_mean"]
     final.rename(fold / "checkpoint_latest.pth")
     shutil.rmtree(fold / "validation")
 
@@ -89,5 +88,5 @@ def test_continue_training_reloads_the_checkpoint(trained):
     assert after["current_epoch"] == before["current_epoch"]
     for key, value in before["network_weights"].items():
         assert torch.equal(after["network_weights"][key], value), key
-    dice_after = json.loads((fold / "validation" / "summary.json").read_text())["foreground_mean"]["Dice"]
+    dice_after = ws.validation_dice(ws.dataset, trainer, configuration)["foreground_mean"]
     assert dice_after == pytest.approx(dice_before, abs=1e-6)
