@@ -1,4 +1,4 @@
-"""The `nnunet-ext` command: env, list, doctor, make-dataset, demo."""
+"""The `nnunet-ext` command: env, list, doctor, make-dataset, demo, benchmark, benchmark-scan."""
 
 from __future__ import annotations
 
@@ -180,6 +180,46 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def cmd_benchmark_scan(args) -> int:
+    from nnunet_ext import benchmark as bm
+
+    rows = bm.benchmark_scan(repeats=args.repeats, device=args.device, progress=_progress)
+    table = [["shape", "rows x d_inner x length x d_state", "ours", "sequential loop", "mambapy pscan",
+              "loop / ours", "mambapy / ours"]]
+    for r in rows:
+        table.append([r["shape"], r["rows x d_inner x length x d_state"], bm.seconds(r["ours"]), bm.seconds(r["loop"]),
+                      bm.seconds(r["mambapy"]), bm.ratio(r["loop"], r["ours"]), bm.ratio(r["mambapy"], r["ours"])])
+    print(f"Selective scan, forward+backward, float32, {args.device} (median of {args.repeats}; loop: 1 run)")
+    print(_table(table))
+    if any(r["mambapy"] is None for r in rows):
+        print("mambapy is not installed: pip install mambapy (or nnunet-ext[bench]) to compare with its pscan.")
+    return 0
+
+
+def cmd_benchmark(args) -> int:
+    from nnunet_ext import benchmark as bm
+    from nnunet_ext.registry import get_architecture
+
+    names = [get_architecture(a).name for a in (args.architectures or ARCHITECTURES)]
+    rows = bm.benchmark_networks(names, args.dataset, args.configuration, args.plans, args.device, args.repeats,
+                                 progress=_progress)
+    reference = rows[0]
+    memory = "peak CUDA memory" if args.device == "cuda" else "peak RSS growth"
+    table = [["network", "parameters", "train step", "vs nnU-Net", memory, "vs nnU-Net"]]
+    for r in rows:
+        table.append([r["network"], f"{r['parameters'] / 1e6:.2f} M", bm.seconds(r["seconds"]),
+                      bm.ratio(r["seconds"], reference["seconds"]), bm.megabytes(r["peak_bytes"]),
+                      bm.ratio(r["peak_bytes"], reference["peak_bytes"])])
+    print(f"{args.dataset} {args.configuration} ({args.plans}): patch {reference['patch_size']}, batch "
+          f"{reference['batch_size']}, {args.device}; forward+backward, median of {args.repeats}")
+    print(_table(table))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-ext", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -207,6 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-label", action="store_true")
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("benchmark", help="training-step time and peak memory of architectures vs nnU-Net's "
+                                         "own network, at a dataset's plans")
+    p.add_argument("-d", "--dataset", required=True)
+    p.add_argument("-c", "--configuration", default="3d_fullres")
+    p.add_argument("-p", "--plans", default="nnUNetPlans")
+    p.add_argument("-a", "--architectures", nargs="+", help="registered names (default: all)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
+    p.add_argument("--repeats", type=int, default=3)
+
+    p = sub.add_parser("benchmark-scan", help="selective scan vs a sequential loop and mambapy's pscan, "
+                                              "at LKM-UNet's window shapes")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
+    p.add_argument("--repeats", type=int, default=3)
+
     p = sub.add_parser("demo", help="synthetic dataset -> plan -> train (short) -> predict -> Dice, on CPU")
     p.add_argument("--dir", default="nnunet_ext_demo", help="workspace folder (replaced on each run)")
     p.add_argument("-c", "--configuration", default="3d_fullres", choices=("2d", "3d_fullres"))
@@ -216,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"env": cmd_env, "list": cmd_list, "doctor": cmd_doctor, "make-dataset": cmd_make_dataset,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "benchmark": cmd_benchmark, "benchmark-scan": cmd_benchmark_scan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,3 +94,16 @@ register(Architecture(
     reference="Oktay et al., Attention U-Net, MIDL 2018; seed 002 (self-attention)",
     options={"self_attention_max_tokens": 4096, "attention_gates": True},
 ))
+
+register(Architecture(
+    name="lkm_unet",
+    trainer="nnUNetTrainerLKMUNet",
+    network="nnunet_ext.networks.lkm_unet:LKMUNet",
+    dims=(2, 3),
+    summary="residual U-Net whose encoder stages end in large-kernel bidirectional Mamba: over the "
+            "pixels of large windows (PiM), then over one token per window (PaM)",
+    reference="Wang et al., LKM-UNet, MICCAI 2024; seed 004",
+    options={"window_sizes": None, "window_layout": "contiguous", "d_state": 16, "d_conv": 4, "expand": 2,
+             "pixel_mamba": True, "patch_mamba": True, "bidirectional": True},
+    fast_paths=(FastPath("mamba-ssm CUDA selective scan", ("mamba_ssm",)),),
+))

@@ -36,6 +36,12 @@ class nnUNetTrainerAttentionUNet(nnUNetExtTrainer):
     architecture = "attention_unet"
 
 
+class nnUNetTrainerLKMUNet(nnUNetExtTrainer):
+    """LKM-UNet with nnU-Net's optimiser: the paper's lr 0.01, momentum 0.99 and weight decay 3e-5
+    are nnU-Net's SGD defaults, which the official code trains with (docs/lkm_unet.md)."""
+    architecture = "lkm_unet"
+
+
 # Short schedules: (epochs, training iterations per epoch, validation iterations per epoch).
 SCHEDULES = {"debug": (1, 5, 2), "demo": (4, 10, 3)}
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets up .venv with nnunet-ext (editable, with test tools) next to stock nnU-Net from the package
-# registry; with --demo, then runs the CPU demo (synthetic dataset -> plan -> train -> predict -> Dice).
+# Sets up .venv with nnunet-ext (editable, with test and benchmark tools) next to stock nnU-Net from
+# the package registry; with --demo, then runs the CPU demo (synthetic dataset -> plan -> train ->
+# predict -> Dice).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,7 +11,9 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 # nnunetv2 pulls torch (the registry build, which runs on CPU too) and torchvision; see README "Installing".
-.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m pip install --quiet -e ".[test,bench]"
+# The tests compare our Mamba with the real mamba_ssm: fetch its source once (not built; CPU-only).
+(cd tests && ../.venv/bin/python -c 'import mamba_ssm_reference as r; r.fetch()')
 .venv/bin/nnunet-ext list
 
 if [ "${1:-}" = "--demo" ]; then

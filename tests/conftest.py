@@ -60,3 +60,11 @@ def nnunet_env(planned, monkeypatch):
     for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
         monkeypatch.setenv(key, planned.env()[key])
     return planned
+
+
+@pytest.fixture(scope="session")
+def mamba_ssm():
+    """The real mamba_ssm's Mamba and selective_scan_ref, importable on CPU (tests/mamba_ssm_reference.py)."""
+    import mamba_ssm_reference
+
+    return mamba_ssm_reference.load()

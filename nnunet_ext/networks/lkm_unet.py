@@ -1,0 +1,82 @@
+"""LKM-UNet on nnU-Net's planned topology, 2D and 3D from one implementation.
+
+Wang et al., "Large Kernel Vision Mamba UNet for Medical Image Segmentation" (LKM-UNet),
+MICCAI 2024: a U-Net whose encoder stages each end in a large-kernel Mamba (LM) block, PiM over
+the pixels of large windows then PaM over one token per window, with a residual-block decoder.
+docs/lkm_unet.md lists every difference from the paper and from the official code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+from torch import nn
+
+from dynamic_network_architectures.building_blocks.unet_residual_decoder import UNetResDecoder
+
+from nnunet_ext.blocks.large_kernel_mamba import LAYOUTS, LMBlock
+from nnunet_ext.networks.base import SegmentationNetwork
+from nnunet_ext.topology import PlansError, Topology
+
+
+def default_windows(topology: Topology) -> list[tuple[int, ...]]:
+    """Window size per stage, from the feature map sizes at the plans' patch size.
+
+    Stage s of n is cut into 2**(ceil((n - s) / 2) - 1) windows per axis (fewer where the axis is
+    shorter): the official code's schedule, which on the paper's patches gives 40x40 windows in
+    2D and 20x28x24 in 3D at the first stages, halving every second stage.
+    """
+    windows = []
+    for s, size in enumerate(topology.feature_map_sizes()):
+        count = 2 ** (math.ceil((topology.n_stages - s) / 2) - 1)
+        windows.append(tuple(math.ceil(a / min(count, a)) for a in size))
+    return windows
+
+
+class LKMUNet(SegmentationNetwork):
+    """LKM-UNet.
+
+    Args:
+        topology: the plans' U-Net layout (`Topology.from_plans`). The encoder is always residual
+            (BasicBlockD); plain plans' `n_conv_per_stage` becomes the number of blocks per stage.
+        input_channels, num_classes: input modalities and output heads.
+        deep_supervision: return one logit map per decoder stage, highest resolution first.
+        window_sizes: pixels per window for every stage (an int or one per axis); None derives
+            them from the patch size (`default_windows`).
+        window_layout: "contiguous" windows (the paper) or the official code's "strided" grid.
+        d_state, d_conv, expand: Mamba's state size, causal conv width and inner expansion.
+        pixel_mamba, patch_mamba, bidirectional: PiM, PaM and BiM switches (the paper's ablation).
+    """
+
+    def __init__(self, topology: Topology, input_channels: int, num_classes: int, deep_supervision: bool = True,
+                 window_sizes: Sequence[int | Sequence[int]] | None = None, window_layout: str = "contiguous",
+                 d_state: int = 16, d_conv: int = 4, expand: float = 2,
+                 pixel_mamba: bool = True, patch_mamba: bool = True, bidirectional: bool = True):
+        super().__init__(topology)
+        if window_layout not in LAYOUTS:
+            raise PlansError(f"window_layout must be one of {LAYOUTS}, got {window_layout!r}.")
+        self.window_sizes = self._windows(topology, window_sizes)
+        self.encoder = dataclasses.replace(topology, residual_encoder=True).build_encoder(input_channels)
+        for s, (window, size) in enumerate(zip(self.window_sizes, topology.feature_map_sizes())):
+            lm = LMBlock(topology.features_per_stage[s], window, size, window_layout, pixel_mamba, patch_mamba,
+                         d_state=d_state, d_conv=d_conv, expand=expand, bidirectional=bidirectional)
+            self.encoder.stages[s] = nn.Sequential(self.encoder.stages[s], lm)
+        self.decoder = UNetResDecoder(self.encoder, num_classes, list(topology.n_conv_per_stage_decoder),
+                                      deep_supervision)
+        self.initialize()
+
+    @staticmethod
+    def _windows(topology: Topology, window_sizes) -> list[tuple[int, ...]]:
+        if window_sizes is None:
+            return default_windows(topology)
+        if len(window_sizes) != topology.n_stages:
+            raise PlansError(f"window_sizes needs one entry per stage ({topology.n_stages}), got {len(window_sizes)}.")
+        windows = []
+        for w in window_sizes:
+            w = (w,) * topology.dim if isinstance(w, int) else tuple(int(a) for a in w)
+            if len(w) != topology.dim or min(w) < 1:
+                raise PlansError(f"Each window size must be a positive int or {topology.dim} positive ints, got {w}.")
+            windows.append(w)
+        return windows

@@ -1,0 +1,36 @@
+"""The benchmarks compare like with like and their commands print complete tables (no timing asserts)."""
+
+from __future__ import annotations
+
+import torch
+
+from nnunet_ext import benchmark as bm
+from nnunet_ext.ops import selective_scan_fn
+from nnunet_ext.registry import ARCHITECTURES
+from test_cli import cli
+
+
+def test_the_three_scans_compute_the_same_thing():
+    t = bm.scan_inputs(bm.ScanShape("tiny", rows=2, d_inner=6, length=37, d_state=5), "cpu")
+    args = [t[k].detach() for k in ("u", "delta", "A", "B", "C")]
+    ours = selective_scan_fn(*args)
+    torch.testing.assert_close(bm.mambapy_selective_scan(*args), ours, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bm.selective_scan_loop(*args)[0], ours, rtol=1e-4, atol=1e-5)
+
+
+def test_scan_benchmark_times_every_implementation():
+    shapes = (bm.ScanShape("tiny", rows=2, d_inner=4, length=50, d_state=4),)
+    rows = bm.benchmark_scan(shapes, repeats=1, progress=lambda _: None)
+    assert [r["shape"] for r in rows] == ["tiny"]
+    assert all(rows[0][k] > 0 for k in ("ours", "loop", "mambapy"))
+
+
+def test_benchmark_command_compares_with_nnunets_network(planned):
+    out = cli("benchmark", "-d", "999", "-c", "3d_fullres", "--repeats", "1", env=planned.env())
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "patch (" in lines[0] and "batch 2" in lines[0]
+    rows = {line.split()[0]: line.split() for line in lines[3:]}
+    assert set(rows) == {"nnU-Net", *ARCHITECTURES}
+    assert rows["nnU-Net"][5] == "1.00x"  # the reference row's time ratio
+    assert "architecture 'nope'" in cli("benchmark", "-d", "999", "-a", "nope", env=planned.env()).stderr

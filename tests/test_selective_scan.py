@@ -1,0 +1,127 @@
+"""The selective scan against an independent float64 loop and against mamba_ssm's own reference."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+import nnunet_ext.ops.selective_scan as scan_module
+from nnunet_ext.ops import selective_scan_fn
+from nnunet_ext.ops.reference import selective_scan_loop
+
+
+def sequential_scan(u, delta, A, B, C, **options):
+    """The float64 position-by-position loop."""
+    return selective_scan_loop(u.double(), delta.double(), A.double(), B.double(), C.double(),
+                               **{k: v.double() if torch.is_tensor(v) else v for k, v in options.items()})
+
+
+def make_inputs(batch, d, length, n, groups=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bc_shape = (batch, n, length) if groups is None else (batch, groups, n, length)
+    return dict(u=torch.randn(batch, d, length, generator=g), delta=torch.randn(batch, d, length, generator=g) * 0.5,
+                A=-torch.rand(d, n, generator=g) * 4, B=torch.randn(*bc_shape, generator=g),
+                C=torch.randn(*bc_shape, generator=g), D=torch.randn(d, generator=g),
+                z=torch.randn(batch, d, length, generator=g), delta_bias=torch.randn(d, generator=g) * 0.5)
+
+
+def check_against_loop(inputs, optional, softplus, rtol=1e-4):
+    """Outputs, last state and the gradient of every input match the float64 loop."""
+    used = {k: v for k, v in inputs.items() if k in ("u", "delta", "A", "B", "C") or k in optional}
+    ours = {k: v.clone().requires_grad_() for k, v in used.items()}
+    ref = {k: v.double().requires_grad_() for k, v in used.items()}
+    y, last = selective_scan_fn(**ours, delta_softplus=softplus, return_last_state=True)
+    y_ref, last_ref = sequential_scan(**ref, delta_softplus=softplus)
+    assert y.dtype == inputs["u"].dtype and last.dtype == torch.float32
+    torch.testing.assert_close(y.double(), y_ref, rtol=rtol, atol=rtol * y_ref.abs().max().item())
+    torch.testing.assert_close(last.double(), last_ref, rtol=rtol, atol=rtol * last_ref.abs().max().item())
+    w, w_last = torch.randn_like(y_ref), torch.randn_like(last_ref)
+    ((y * w.float()).sum() + (last * w_last.float()).sum()).backward()
+    ((y_ref * w).sum() + (last_ref * w_last).sum()).backward()
+    for k in used:
+        scale = ref[k].grad.abs().max().item()
+        torch.testing.assert_close(ours[k].grad.double(), ref[k].grad, rtol=rtol, atol=rtol * scale + 1e-12,
+                                   msg=lambda m: f"gradient of {k}: {m}")
+
+
+@pytest.mark.parametrize("batch,d,length,n,groups", [
+    (1, 3, 1, 2, None), (2, 6, 37, 5, None), (2, 8, 101, 4, 2), (3, 4, 256, 16, None), (1, 2, 2049, 3, None),
+    (2, 6, 999, 16, 3)])
+def test_matches_sequential_loop_with_every_option(batch, d, length, n, groups):
+    inputs = make_inputs(batch, d, length, n, groups)
+    check_against_loop(inputs, optional=("D", "z", "delta_bias"), softplus=True)
+
+
+@pytest.mark.parametrize("optional,softplus", [((), False), (("D",), False), (("z",), True),
+                                               (("delta_bias",), True), (("D", "delta_bias"), False)])
+def test_matches_sequential_loop_for_each_optional_input(optional, softplus):
+    inputs = make_inputs(2, 4, 77, 6, seed=1)
+    if not softplus:
+        inputs["delta"] = inputs["delta"].abs()  # a raw delta must be positive to be a step size
+        inputs["delta_bias"] = inputs["delta_bias"].abs()
+    check_against_loop(inputs, optional, softplus)
+
+
+def test_tiles_across_rows_and_positions(monkeypatch):
+    """Force tiny tiles so one call is cut along both rows and positions: same numbers."""
+    monkeypatch.setitem(scan_module.TILE_ELEMENTS, "cpu", 2 * 24 * 50)
+    monkeypatch.setattr(scan_module, "MIN_TILE_LENGTH", 50)
+    inputs = make_inputs(5, 4, 333, 6, seed=2)
+    assert scan_module._tiling(5, 24, 333, torch.device("cpu")) == (2, 50)  # rows 2+2+1, 7 tiles each
+    check_against_loop(inputs, optional=("D", "z", "delta_bias"), softplus=True)
+
+
+def test_long_sequence_of_strongly_decaying_states_stays_finite():
+    """Large steps times large |A| decay states to zero within a few positions: no overflow."""
+    inputs = make_inputs(1, 4, 4000, 16, seed=3)
+    inputs["delta"] = inputs["delta"].abs() * 20
+    inputs["A"] = inputs["A"] * 25
+    check_against_loop(inputs, optional=(), softplus=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_accumulate_in_float32(dtype):
+    inputs = make_inputs(2, 4, 300, 8, seed=4)
+    low = {k: v.to(dtype) for k, v in inputs.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = selective_scan_fn(**low, delta_softplus=True)
+    assert y.dtype == dtype
+    # same as float32 on the rounded inputs, up to the output's rounding: the scan ran in float32
+    y_ref, _ = sequential_scan(**{k: v.float() for k, v in low.items()}, delta_softplus=True)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-2, atol=1e-2 * y_ref.abs().max().item())
+
+
+def test_matches_mamba_ssm_selective_scan_ref(mamba_ssm):
+    for groups in (None, 2):
+        inputs = make_inputs(2, 8, 150, 16, groups, seed=5)
+        kwargs = dict(D=inputs["D"], z=inputs["z"], delta_bias=inputs["delta_bias"], delta_softplus=True,
+                      return_last_state=True)
+        args = [inputs[k] for k in ("u", "delta", "A", "B", "C")]
+        y, last = selective_scan_fn(*args, **kwargs)
+        y_ref, last_ref = mamba_ssm.selective_scan_ref(*args, **kwargs)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(last, last_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(u=torch.randn(2, 4)), "u must be"), (dict(A=torch.randn(5, 3)), "A must be"),
+    (dict(B=torch.randn(2, 3, 9)), "B must be"), (dict(C=torch.randn(2, 3, 3, 10)), "C must be"),
+    (dict(D=torch.randn(3)), "D must have shape"), (dict(z=torch.randn(2, 4, 9)), "z must have shape")])
+def test_bad_shapes_get_a_clear_error(change, message):
+    inputs = {**make_inputs(2, 4, 10, 3), **change}
+    with pytest.raises(ValueError, match=message):
+        selective_scan_fn(**inputs)
+
+
+def test_cuda_kernels_are_used_only_when_allowed(monkeypatch):
+    fake = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
+    for name in ("mamba_ssm", "mamba_ssm.ops"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", fake)
+    sys.modules["mamba_ssm.ops"].selective_scan_interface = fake
+    assert scan_module.mamba_ssm_kernels() is fake
+    monkeypatch.setattr(scan_module, "_use_kernels", True)
+    scan_module.use_kernels(False)
+    assert scan_module.mamba_ssm_kernels() is None
