@@ -153,3 +153,17 @@ def test_runs_under_bfloat16_autocast():
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
     reference = net(x)[0]
     torch.testing.assert_close(out[0].float(), reference, rtol=0.1, atol=0.1 * reference.abs().max().item())
+
+
+def test_torch_compile_runs_around_the_scan():
+    """nnU-Net compiles networks on CUDA; the scan is excluded from tracing, the rest is compiled."""
+    torch.manual_seed(0)
+    topo = make_topology(2, [(1, 1), (2, 2), (2, 2)], [4, 8, 8], (16, 24))
+    net = LKMUNet(topo, 1, 2, **MAMBA)
+    x = torch.randn(2, 1, 16, 24)
+    compiled = torch.compile(net, backend="aot_eager")
+    out, reference = compiled(x), net(x)
+    for o, r in zip(out, reference):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-6)
+    out[0].sum().backward()
+    assert all(p.grad is not None for p in net.parameters())

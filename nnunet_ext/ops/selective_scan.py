@@ -53,6 +53,9 @@ def mamba_ssm_kernels():
     return selective_scan_interface
 
 
+# torch.compile runs the rest of a network compiled and calls the scan as it is: tracing would unroll
+# its loops over chunk positions into graphs of thousands of nodes (and the CUDA kernel cannot be traced).
+@torch.compiler.disable
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                       return_last_state=False):
     """Selective scan with mamba_ssm's signature.
