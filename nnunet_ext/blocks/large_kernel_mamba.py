@@ -73,13 +73,17 @@ def merge_axes(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return x[(..., *(slice(0, s) for s in size))]
 
 
-class PixelMamba(nn.Module):
-    """PiM: x + BiM over the pixels of each window (all windows of all images as one batch)."""
+class _WindowedMamba(nn.Module):
+    """A BiM on tokens taken from `window`-sized windows in `layout` (see the module docstring)."""
 
     def __init__(self, channels: int, window: Sequence[int], layout: str, **mamba):
         super().__init__()
         self.window, self.layout = tuple(window), layout
         self.mamba = BiMamba(channels, **mamba)
+
+
+class PixelMamba(_WindowedMamba):
+    """PiM: x + BiM over the pixels of each window (all windows of all images as one batch)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dim = x.dim() - 2
@@ -93,14 +97,9 @@ class PixelMamba(nn.Module):
         return x + merge_axes(out, x.shape[2:])
 
 
-class PatchMamba(nn.Module):
+class PatchMamba(_WindowedMamba):
     """PaM: average-pool every cell (its valid pixels only) to one token, BiM over the tokens of
     each image, nearest-unpool, residual add."""
-
-    def __init__(self, channels: int, window: Sequence[int], layout: str, **mamba):
-        super().__init__()
-        self.window, self.layout = tuple(window), layout
-        self.mamba = BiMamba(channels, **mamba)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         view = split_axes(x, self.window, self.layout)

@@ -195,8 +195,8 @@ class _Tile:
         return t.permute(4, 3, 0, 1, 2).unsqueeze(4).contiguous()  # (b, g, n, chunks, T)
 
     def _to_sequence(self, t):
-        """(T, chunks, b, g, d/g) -> (b, d, length)."""
-        return t.permute(2, 3, 4, 1, 0).flatten(1, 2).flatten(2)[..., :self.length]
+        """(T, chunks, b, g, k) -> (b, g, k, length); k is d/g for channels, n for B and C."""
+        return t.permute(2, 3, 4, 1, 0).flatten(3)[..., :self.length]
 
     def _decay_and_input(self):
         decay = torch.exp(self.delta.unsqueeze(-1) * self.A)
@@ -223,7 +223,7 @@ class _Tile:
         decay, inputs = self._decay_and_input()
         h = self._states(h0, decay, inputs)
         y = (h * self.C).sum(-1)
-        return self._to_sequence(y), h[-1, -1].flatten(1, 2)
+        return self._to_sequence(y).flatten(1, 2), h[-1, -1].flatten(1, 2)
 
     def backward(self, h0, grad_y, grad_last, grads):
         """Write this tile's gradients into `grads` (u, delta, A, B, C; A accumulates) and
@@ -250,13 +250,9 @@ class _Tile:
         grads[2] += (g_delta_a * self.delta.unsqueeze(-1)).sum((0, 1, 2)).flatten(0, 1)
         g_delta_u = (g * self.B).sum(-1)
         g_delta += g_delta_u * self.u
-        grads[1][self.rows, ..., self.start:self.stop] = self._to_sequence(g_delta)
-        grads[0][self.rows, ..., self.start:self.stop] = self._to_sequence(g_delta_u * self.delta)
-        grads[3][self.rows, ..., self.start:self.stop] = self._grouped_to_sequence(
+        grads[1][self.rows, ..., self.start:self.stop] = self._to_sequence(g_delta).flatten(1, 2)
+        grads[0][self.rows, ..., self.start:self.stop] = self._to_sequence(g_delta_u * self.delta).flatten(1, 2)
+        grads[3][self.rows, ..., self.start:self.stop] = self._to_sequence(
             (g * (self.delta * self.u).unsqueeze(-1)).sum(4))
-        grads[4][self.rows, ..., self.start:self.stop] = self._grouped_to_sequence((h * grad_y.unsqueeze(-1)).sum(4))
+        grads[4][self.rows, ..., self.start:self.stop] = self._to_sequence((h * grad_y.unsqueeze(-1)).sum(4))
         return state.flatten(1, 2)
-
-    def _grouped_to_sequence(self, t):
-        """(T, chunks, b, g, n) -> (b, g, n, length)."""
-        return t.permute(2, 3, 4, 1, 0).flatten(3)[..., :self.length]
