@@ -1,8 +1,9 @@
 """Speed and memory, measured against a reference in the same run (`nnunet-ext benchmark*`).
 
 Timings are the median of `repeats` forward+backward passes after one warm-up. Peak memory is
-max_memory_allocated on CUDA; on CPU each model runs in a fresh process and we report how much its
-peak resident set grew over the forward+backward passes (weights and imports excluded).
+max_memory_allocated on CUDA; on CPU each measurement runs in a fresh process and we report how
+much its peak resident set grew over the forward+backward passes (weights and imports excluded).
+Multiply-accumulates (MACs) are counted by torch's FlopCounterMode.
 """
 
 from __future__ import annotations
@@ -114,8 +115,17 @@ def reference_network(cm, input_channels: int, num_heads: int):
                                   allow_init=True, deep_supervision=True)
 
 
+def forward_macs(net: torch.nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass, as torch's FlopCounterMode counts them
+    (convolutions and matrix products; interpolation and elementwise work are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x)
+    return counter.get_total_flops() // 2
+
+
 def _measure_network(name: str, dataset, configuration: str, plans: str, device: str, repeats: int) -> dict:
-    """Runs in its own process on CPU so that its peak memory is its own."""
     from nnunet_ext.plans_io import load_configuration
     from nnunet_ext.registry import get_architecture
     from nnunet_ext.topology import Topology
@@ -133,13 +143,21 @@ def _measure_network(name: str, dataset, configuration: str, plans: str, device:
         outputs = net(x)
         sum(o.float().mean() for o in outputs).backward()
 
-    before = _peak_rss_bytes()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    seconds = timed(step, repeats, dev)
-    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _peak_rss_bytes() - before
+    seconds, peak = timed_with_peak(step, repeats, dev)
     return {"network": name, "parameters": sum(p.numel() for p in net.parameters()), "seconds": seconds,
-            "peak_bytes": peak, "patch_size": tuple(cm.patch_size), "batch_size": cm.batch_size}
+            "peak_bytes": peak, "macs": forward_macs(net, x[:1]), "patch_size": tuple(cm.patch_size),
+            "batch_size": cm.batch_size}
+
+
+def timed_with_peak(step, repeats: int, device: torch.device) -> tuple[float, int]:
+    """`timed`, and the peak memory of the runs: max_memory_allocated on CUDA, growth of the peak
+    resident set on CPU (meaningful in a fresh process: see `isolated`)."""
+    before = _peak_rss_bytes()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = timed(step, repeats, device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss_bytes() - before
+    return seconds, peak
 
 
 def _peak_rss_bytes() -> int:
@@ -147,19 +165,119 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
+def isolated(fn, *args, device: str = "cpu"):
+    """fn(*args), in a fresh process on CPU so that its peak resident set is its own."""
+    if device != "cpu":
+        return fn(*args)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
 def benchmark_networks(architectures, dataset, configuration: str, plans: str = "nnUNetPlans",
                        device: str = "cpu", repeats: int = 3, progress=print) -> list[dict]:
-    """Training-step time and peak memory of each architecture and of nnU-Net's own network."""
+    """Training-step time, peak memory and forward MACs of each architecture and of nnU-Net's own network."""
     rows = []
-    context = multiprocessing.get_context("spawn")
     for name in ["nnU-Net", *architectures]:
         progress(f"  {name}: forward+backward x{repeats + 1} at the plans' patch and batch size ...")
-        args = (name, dataset, configuration, plans, device, repeats)
-        if device == "cpu":
-            with context.Pool(1) as pool:
-                rows.append(pool.apply(_measure_network, args))
-        else:
-            rows.append(_measure_network(*args))
+        rows.append(isolated(_measure_network, name, dataset, configuration, plans, device, repeats, device=device))
+    return rows
+
+
+# --------------------------------------------------------------------------- deformable convolution
+@dataclass(frozen=True)
+class DeformShape:
+    name: str
+    batch: int
+    channels: int
+    size: tuple[int, ...]
+    kernel: int
+    dilation: int = 1
+    depthwise: bool = False
+
+
+# D-LKA's deformable convolutions: the 2D depthwise pair at the paper's 2D decoder (96 channels at
+# 56x56) and the 3D 3x3x3 convolution at the first D-LKA stages of the Synapse network.
+DEFORM_SHAPES = (DeformShape("2D depthwise 5x5", 4, 96, (56, 56), 5, depthwise=True),
+                 DeformShape("2D depthwise 7x7 dil. 3", 4, 96, (56, 56), 7, dilation=3, depthwise=True),
+                 DeformShape("3D 3x3x3, 32 ch", 2, 32, (32, 32, 32), 3),
+                 DeformShape("3D 3x3x3, 64 ch", 2, 64, (16, 32, 32), 3))
+
+
+def deform_implementations(dim: int) -> dict:
+    """The implementations to compare at `dim`: ours, the unfused column-matrix reference and, in 2D,
+    torchvision's operator (lazily imported: it is optional)."""
+    from nnunet_ext.ops.deform_conv import deform_conv
+    from nnunet_ext.ops.reference import deform_conv_unfused
+
+    implementations = {"ours": deform_conv, "unfused": deform_conv_unfused}
+    if dim == 2 and _importable("torchvision"):
+        from torchvision.ops import deform_conv2d
+
+        implementations["torchvision"] = deform_conv2d
+    return implementations
+
+
+def _measure_deform(shape: DeformShape, implementation: str, device: str, repeats: int) -> dict:
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    dim, k = len(shape.size), shape.kernel
+    x = torch.randn(shape.batch, shape.channels, *shape.size, generator=g)
+    weight = torch.randn(shape.channels, 1 if shape.depthwise else shape.channels, *(k,) * dim, generator=g) * 0.1
+    offset = torch.randn(shape.batch, dim * k ** dim, *shape.size, generator=g)  # fractional, about a pixel
+    x, weight, offset = (t.to(dev).requires_grad_() for t in (x, weight, offset))
+    fn = deform_implementations(dim)[implementation]
+    padding = shape.dilation * (k - 1) // 2
+
+    def step():
+        for t in (x, weight, offset):
+            t.grad = None
+        fn(x, offset, weight, padding=padding, dilation=shape.dilation).square().mean().backward()
+
+    seconds, peak = timed_with_peak(step, repeats, dev)
+    return {"seconds": seconds, "peak_bytes": peak}
+
+
+def benchmark_deform_conv(shapes=DEFORM_SHAPES, repeats: int = 3, device: str = "cpu", progress=print) -> list[dict]:
+    """Forward+backward seconds and peak memory of each deformable convolution implementation, per shape."""
+    rows = []
+    for shape in shapes:
+        row = {"shape": shape.name, "input": "x".join(map(str, (shape.batch, shape.channels, *shape.size)))}
+        for name in ("ours", "unfused", "torchvision"):
+            if name not in deform_implementations(len(shape.size)):
+                row[name] = None  # 3D, or torchvision missing
+                continue
+            progress(f"  {shape.name}: {name} ...")
+            row[name] = isolated(_measure_deform, shape, name, device, repeats, device=device)
+        rows.append(row)
+    return rows
+
+
+# The paper's Table (Synapse, 3D): parameters and "GFLOPs" (fvcore's count, i.e. multiply-accumulates).
+DLKA_PAPER = {"parameters": 42.35e6, "macs": 66.96e9}
+
+
+def dlka_paper_comparison() -> list[dict]:
+    """D-LKA Net at the paper's Synapse configuration (one 64x128x128 input), as the paper describes
+    it and as the official code builds it, with MACs counted with and without the deformable
+    convolutions' own products (fvcore, which the paper used, cannot see the official CUDA operator)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nnunet_ext.blocks.deformable_lka import DeformableConv
+    from nnunet_ext.networks.dlka_net import SYNAPSE_PATCH_SIZE, DLKANet
+
+    rows = []
+    for name, options in (("paper's text (3/2/3 blocks)", {}),
+                          ("official code (3/3/3 blocks, position embedding)",
+                           {"bottleneck_blocks": 3, "position_embedding": True})):
+        net = DLKANet.synapse(**options).eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            net(torch.zeros(1, 1, *SYNAPSE_PATCH_SIZE))
+        counts = counter.get_flop_counts()
+        deformable = sum(sum(counts[f"DLKANet.{n}"].values()) - sum(counts[f"DLKANet.{n}.conv_offset"].values())
+                         for n, m in net.named_modules() if isinstance(m, DeformableConv))
+        total = counter.get_total_flops()
+        rows.append({"network": name, "parameters": sum(p.numel() for p in net.parameters()),
+                     "macs": total // 2, "macs_without_deformable": (total - deformable) // 2})
     return rows
 
 

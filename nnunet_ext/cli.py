@@ -1,4 +1,4 @@
-"""The `nnunet-ext` command: env, list, doctor, make-dataset, demo, benchmark, benchmark-scan."""
+"""The `nnunet-ext` command: env, list, doctor, make-dataset, demo, benchmark, benchmark-scan, benchmark-dlka."""
 
 from __future__ import annotations
 
@@ -200,6 +200,41 @@ def cmd_benchmark_scan(args) -> int:
     return 0
 
 
+def cmd_benchmark_dlka(args) -> int:
+    from nnunet_ext import benchmark as bm
+
+    rows = bm.benchmark_deform_conv(bm.DEFORM_SHAPES, args.repeats, args.device, progress=_progress)
+    memory = "peak CUDA memory" if args.device == "cuda" else "peak RSS growth"
+    table = [["deformable convolution", "input", "ours", "unfused", "torchvision", "unfused / ours",
+              "torchvision / ours", f"{memory}: ours", "unfused", "torchvision"]]
+
+    def get(row, name, key):
+        return None if row[name] is None else row[name][key]
+
+    for r in rows:
+        table.append([r["shape"], r["input"], *(bm.seconds(get(r, n, "seconds")) for n in ("ours", "unfused", "torchvision")),
+                      *(bm.ratio(get(r, n, "seconds"), r["ours"]["seconds"]) for n in ("unfused", "torchvision")),
+                      *("-" if get(r, n, "peak_bytes") is None else bm.megabytes(get(r, n, "peak_bytes"))
+                        for n in ("ours", "unfused", "torchvision"))])
+    print(f"Deformable convolution, forward+backward, float32, {args.device} (median of {args.repeats}; "
+          "torchvision: 2D only)")
+    print(_table(table))
+
+    _progress("  D-LKA Net at the paper's Synapse configuration ...")
+    table = [["D-LKA Net, Synapse 64x128x128", "parameters", "vs paper", "GMACs", "GMACs without deformable convs",
+              "vs paper"]]
+    paper = bm.DLKA_PAPER
+    table.append(["paper (Azad et al., WACV 2024)", f"{paper['parameters'] / 1e6:.2f} M", "1.00x", "-",
+                  f"{paper['macs'] / 1e9:.2f}", "1.00x"])
+    for r in bm.dlka_paper_comparison():
+        table.append([r["network"], f"{r['parameters'] / 1e6:.2f} M", bm.ratio(r["parameters"], paper["parameters"]),
+                      f"{r['macs'] / 1e9:.2f}", f"{r['macs_without_deformable'] / 1e9:.2f}",
+                      bm.ratio(r["macs_without_deformable"], paper["macs"])])
+    print()
+    print(_table(table))
+    return 0
+
+
 def cmd_benchmark(args) -> int:
     from nnunet_ext import benchmark as bm
     from nnunet_ext.registry import get_architecture
@@ -209,9 +244,10 @@ def cmd_benchmark(args) -> int:
                                  progress=_progress)
     reference = rows[0]
     memory = "peak CUDA memory" if args.device == "cuda" else "peak RSS growth"
-    table = [["network", "parameters", "train step", "vs nnU-Net", memory, "vs nnU-Net"]]
+    table = [["network", "parameters", "GMACs/patch", "vs nnU-Net", "train step", "vs nnU-Net", memory, "vs nnU-Net"]]
     for r in rows:
-        table.append([r["network"], f"{r['parameters'] / 1e6:.2f} M", bm.seconds(r["seconds"]),
+        table.append([r["network"], f"{r['parameters'] / 1e6:.2f} M", f"{r['macs'] / 1e9:.2f}",
+                      bm.ratio(r["macs"], reference["macs"]), bm.seconds(r["seconds"]),
                       bm.ratio(r["seconds"], reference["seconds"]), bm.megabytes(r["peak_bytes"]),
                       bm.ratio(r["peak_bytes"], reference["peak_bytes"])])
     print(f"{args.dataset} {args.configuration} ({args.plans}): patch {reference['patch_size']}, batch "
@@ -261,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
     p.add_argument("--repeats", type=int, default=3)
 
+    p = sub.add_parser("benchmark-dlka", help="deformable convolution vs torchvision (2D) and an unfused reference, "
+                                              "and D-LKA Net's size at the paper's configuration")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
+    p.add_argument("--repeats", type=int, default=3)
+
     p = sub.add_parser("demo", help="synthetic dataset -> plan -> train (short) -> predict -> Dice, on CPU")
     p.add_argument("--dir", default="nnunet_ext_demo", help="workspace folder (replaced on each run)")
     p.add_argument("-c", "--configuration", default="3d_fullres", choices=("2d", "3d_fullres"))
@@ -270,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"env": cmd_env, "list": cmd_list, "doctor": cmd_doctor, "make-dataset": cmd_make_dataset,
-            "demo": cmd_demo, "benchmark": cmd_benchmark, "benchmark-scan": cmd_benchmark_scan}
+            "demo": cmd_demo, "benchmark": cmd_benchmark, "benchmark-scan": cmd_benchmark_scan,
+            "benchmark-dlka": cmd_benchmark_dlka}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,3 +107,15 @@ register(Architecture(
              "pixel_mamba": True, "patch_mamba": True, "bidirectional": True},
     fast_paths=(FastPath("mamba-ssm CUDA selective scan", ("mamba_ssm",)),),
 ))
+
+register(Architecture(
+    name="dlka_net",
+    trainer="nnUNetTrainerDLKANet",
+    network="nnunet_ext.networks.dlka_net:DLKANet",
+    dims=(2, 3),
+    summary="U-Net with deformable large-kernel attention (D-LKA) blocks at 1/4 resolution and below: "
+            "in encoder and decoder (3D), in the decoder of the plans' convolutional encoder (2D)",
+    reference="Azad et al., Beyond Self-Attention: Deformable Large Kernel Attention, WACV 2024; seed 001",
+    options={"encoder_blocks": None, "bottleneck_blocks": None, "decoder_blocks": None, "dlka_from_stride": 4,
+             "deformable": None, "position_embedding": False, "layer_scale": 1e-6},
+))

@@ -42,6 +42,12 @@ class nnUNetTrainerLKMUNet(nnUNetExtTrainer):
     architecture = "lkm_unet"
 
 
+class nnUNetTrainerDLKANet(nnUNetExtTrainer):
+    """D-LKA Net with nnU-Net's optimiser, which the official 3D code also trains with (SGD,
+    Nesterov momentum 0.99, lr 0.01)."""
+    architecture = "dlka_net"
+
+
 # Short schedules: (epochs, training iterations per epoch, validation iterations per epoch).
 SCHEDULES = {"debug": (1, 5, 2), "demo": (4, 10, 3)}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
 from nnunet_ext.topology import Topology
@@ -31,6 +32,17 @@ TOPOLOGIES = {
                                             (24, 40, 16), residual=True, blocks=1), 1),
     "3d_6stages_1ch": (make_topology(3, [(1, 1, 1)] + [(2, 2, 2)] * 5, [4, 8, 16, 16, 32, 32], (64, 64, 32)), 1),
 }
+
+
+def assert_compiles_like_eager(net: nn.Module, x: torch.Tensor) -> None:
+    """torch.compile (the aot_eager backend, which runs on CPU) gives eager's outputs and gradients
+    reach every parameter: what nnU-Net's compile on CUDA relies on."""
+    compiled = torch.compile(net, backend="aot_eager")
+    out, reference = compiled(x), net(x)
+    for o, r in zip(out, reference):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-6)
+    out[0].sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
 
 
 @pytest.fixture(params=list(TOPOLOGIES), ids=list(TOPOLOGIES))

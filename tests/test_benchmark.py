@@ -7,6 +7,7 @@ import torch
 from nnunet_ext import benchmark as bm
 from nnunet_ext.ops import selective_scan_fn
 from nnunet_ext.registry import ARCHITECTURES
+from nnunet_ext.cli import main
 from test_cli import cli
 
 
@@ -30,7 +31,30 @@ def test_benchmark_command_compares_with_nnunets_network(planned):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert "patch (" in lines[0] and "batch 2" in lines[0]
+    assert lines[1].split()[:6] == ["network", "parameters", "GMACs/patch", "vs", "nnU-Net", "train"]
     rows = {line.split()[0]: line.split() for line in lines[3:]}
     assert set(rows) == {"nnU-Net", *ARCHITECTURES}
-    assert rows["nnU-Net"][5] == "1.00x"  # the reference row's time ratio
+    assert rows["nnU-Net"][4] == rows["nnU-Net"][7] == "1.00x"  # the reference row's MACs and time ratios
+    assert all(float(r[3]) > 0 for r in rows.values())
     assert "architecture 'nope'" in cli("benchmark", "-d", "999", "-a", "nope", env=planned.env()).stderr
+
+
+def test_deform_conv_benchmark_measures_every_implementation():
+    shapes = (bm.DeformShape("tiny 2D", 1, 4, (8, 8), 3, depthwise=True), bm.DeformShape("tiny 3D", 1, 2, (4, 4, 4), 3))
+    rows = bm.benchmark_deform_conv(shapes, repeats=1, progress=lambda _: None)
+    assert [r["shape"] for r in rows] == ["tiny 2D", "tiny 3D"]
+    assert all(rows[0][k]["seconds"] > 0 and rows[0][k]["peak_bytes"] >= 0 for k in ("ours", "unfused", "torchvision"))
+    assert rows[1]["torchvision"] is None and rows[1]["ours"]["seconds"] > 0
+
+
+def test_benchmark_dlka_command_prints_both_tables(monkeypatch, capsys):
+    monkeypatch.setattr(bm, "DEFORM_SHAPES", (bm.DeformShape("tiny 2D", 1, 4, (8, 8), 3, depthwise=True),
+                                              bm.DeformShape("tiny 3D", 1, 2, (4, 4, 4), 3)))
+    assert main(["benchmark-dlka", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("Deformable convolution, forward+backward")
+    assert [line.split()[:2] for line in out[3:5]] == [["tiny", "2D"], ["tiny", "3D"]]
+    assert out[4].split()[7] == "-"  # no torchvision in 3D
+    papers = {line.split(" (")[0]: line for line in out[8:]}
+    assert set(papers) == {"paper", "paper's text", "official code"}
+    assert "42.35 M" in papers["paper"] and "66.96" in papers["paper"]

@@ -18,7 +18,7 @@ from torch import nn
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 
 from nnunet_ext.blocks.attention import AttentionGate, NonLocalSelfAttention
-from nnunet_ext.networks.base import SegmentationNetwork
+from nnunet_ext.networks.base import SegmentationNetwork, decode
 from nnunet_ext.topology import Topology
 
 
@@ -33,17 +33,13 @@ class AttentionUNetDecoder(UNetDecoder):
                           encoder.strides[-s])
             for s in range(1, n)) if attention_gates else None
 
+    def step(self, i: int, x, skip):
+        if self.gates is not None:
+            skip = self.gates[i](skip, x)
+        return self.stages[i](torch.cat((self.transpconvs[i](x), skip), 1))
+
     def forward(self, skips):
-        x, outputs = skips[-1], []
-        for s, (up, stage, seg) in enumerate(zip(self.transpconvs, self.stages, self.seg_layers)):
-            skip = skips[-(s + 2)]
-            if self.gates is not None:
-                skip = self.gates[s](skip, x)
-            x = stage(torch.cat((up(x), skip), 1))
-            if self.deep_supervision or s == len(self.stages) - 1:
-                outputs.append(seg(x))
-        outputs = outputs[::-1]  # highest resolution first
-        return outputs if self.deep_supervision else outputs[0]
+        return decode(skips, self.step, self.seg_layers, self.deep_supervision)
 
 
 class AttentionUNet(SegmentationNetwork):

@@ -13,6 +13,19 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from nnunet_ext.topology import Topology
 
 
+def decode(skips: list[torch.Tensor], step, seg_layers, deep_supervision: bool):
+    """The U-Net decoder loop. x starts as the deepest skip and `step(i, x, skip)` gives the next
+    one, decoder stage i = 0 being the deepest; `seg_layers[i]` is stage i's head. Returns the
+    logits highest resolution first with deep supervision, otherwise the last head's only."""
+    x, outputs = skips[-1], []
+    for i, seg in enumerate(seg_layers):
+        x = step(i, x, skips[-(i + 2)])
+        if deep_supervision or i == len(seg_layers) - 1:
+            outputs.append(seg(x))
+    outputs = outputs[::-1]
+    return outputs if deep_supervision else outputs[0]
+
+
 class SegmentationNetwork(nn.Module):
     """Base class: subclasses set `self.encoder` (returns one skip per stage) and `self.decoder`
     (has `deep_supervision`; returns a list of logits, highest resolution first, or one tensor).

@@ -1,10 +1,16 @@
-"""The selective scan written out one position at a time: the yardstick for tests and benchmarks.
+"""Operators written out the plain way: the yardsticks for tests and benchmarks.
 
-Deliberately naive (a Python loop over the sequence, autograd through every step) and
-independent of `selective_scan.py`; it computes in the dtype it is given (tests use float64).
+Deliberately naive and independent of the fast implementations in this package; they compute in
+the dtype they are given (tests use float64).
+- `selective_scan_loop`: a Python loop over the sequence, autograd through every step.
+- `deform_conv_unfused`: the column-matrix (im2col) deformable convolution, with the bilinear or
+  trilinear interpolation spelled out corner by corner instead of `grid_sample`.
 """
 
 from __future__ import annotations
+
+import itertools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -32,3 +38,44 @@ def selective_scan_loop(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     if z is not None:
         y = y * F.silu(z)
     return y, h
+
+
+def deform_conv_unfused(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None):
+    """Same arguments and offset layout as `nnunet_ext.ops.deform_conv` (and torchvision's
+    `deform_conv2d`). Builds the full (batch, channels x taps, positions) column matrix, so it holds
+    one copy of the sampled input per kernel tap."""
+    dim = weight.dim() - 2
+    stride, padding, dilation = ((v,) * dim if isinstance(v, int) else tuple(v) for v in (stride, padding, dilation))
+    b, c_in, *size = input.shape
+    c_out, c_per_group, *kernel = weight.shape
+    out_size = list(offset.shape[2:])
+    taps = math.prod(kernel)
+    offset_groups = offset.shape[1] // (dim * taps)
+    offset = offset.view(b, offset_groups, taps, dim, -1)
+    values = input.reshape(b, offset_groups, c_in // offset_groups, -1)
+    out_grid = torch.stack(torch.meshgrid(*(torch.arange(o) for o in out_size), indexing="ij"), 0).flatten(1)
+    columns = []
+    for t, tap in enumerate(itertools.product(*(range(k) for k in kernel))):
+        regular = torch.stack([out_grid[a] * stride[a] - padding[a] + tap[a] * dilation[a] for a in range(dim)])
+        position = regular.to(input.dtype) + offset[:, :, t]  # (b, offset_groups, dim, positions)
+        low = position.floor()
+        sample = 0
+        for corner in itertools.product((0, 1), repeat=dim):
+            index, weight_c, inside = 0, 1, True
+            for a in range(dim):
+                i = low[:, :, a] + corner[a]
+                frac = position[:, :, a] - low[:, :, a]
+                weight_c = weight_c * (frac if corner[a] else 1 - frac)
+                inside = inside & (i >= 0) & (i <= size[a] - 1)
+                index = index * size[a] + i.clamp(0, size[a] - 1).long()
+            gathered = values.gather(3, index[:, :, None].expand(-1, -1, values.shape[2], -1))
+            sample = sample + gathered * (weight_c * inside)[:, :, None]
+        if mask is not None:
+            sample = sample * mask.view(b, offset_groups, taps, -1)[:, :, t, None]
+        columns.append(sample.reshape(b, c_in, -1))
+    columns = torch.stack(columns, 2)  # (b, c_in, taps, positions)
+    groups = c_in // c_per_group
+    columns = columns.view(b, groups, c_per_group * taps, -1)
+    out = torch.einsum("gok,bgkn->bgon", weight.reshape(groups, c_out // groups, -1), columns)
+    out = out.reshape(b, c_out, *out_size)
+    return out if bias is None else out + bias.view(1, -1, *(1,) * dim)

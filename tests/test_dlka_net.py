@@ -1,0 +1,124 @@
+"""D-LKA Net: the blocks start where the paper's do, the layout on the plans, the paper's Synapse
+counts. The network contract is checked for every architecture in test_networks.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import assert_compiles_like_eager, make_topology
+from nnunet_ext import benchmark as bm
+from nnunet_ext.blocks.deformable_lka import LKA, DeformableConv, DLKABlock
+from nnunet_ext.networks.dlka_net import DLKANet
+from nnunet_ext.topology import PlansError
+
+ANISO_3D = make_topology(3, [(1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2)], [4, 8, 16, 32, 32], (20, 48, 32))
+TOPO_2D = make_topology(2, [(1, 1), (2, 2), (2, 2), (2, 2)], [8, 16, 32, 32], (40, 56))
+
+
+@pytest.mark.parametrize("conv_op, conv, groups", [(nn.Conv2d, F.conv2d, 6), (nn.Conv3d, F.conv3d, 1)])
+@pytest.mark.parametrize("modulated", [False, True])
+def test_deformable_conv_starts_as_the_ordinary_convolution(conv_op, conv, groups, modulated):
+    """Offsets start at zero; a modulated layer's mask starts at sigmoid(0) = 0.5."""
+    torch.manual_seed(0)
+    layer = DeformableConv(conv_op, 6, 6, 3, padding=2, dilation=2, groups=groups, modulated=modulated)
+    x = torch.randn(2, 6, *(7,) * (conv_op is nn.Conv3d), 9, 8)
+    expected = conv(x, layer.weight, layer.bias, padding=2, dilation=2, groups=groups)
+    if modulated:
+        expected = conv(x, layer.weight * 0.5, layer.bias, padding=2, dilation=2, groups=groups)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_deformable_lka_starts_as_lka():
+    """The 2D D-LKA (both depthwise convolutions deformable) has LKA's parameter names plus the
+    offset convolutions, and with LKA's weights it computes LKA until its offsets move."""
+    torch.manual_seed(0)
+    lka, dlka = LKA(nn.Conv2d, 8, "none"), LKA(nn.Conv2d, 8, "depthwise")
+    missing, unexpected = dlka.load_state_dict(lka.state_dict(), strict=False)
+    assert unexpected == [] and sorted(missing) == sorted(
+        f"{c}.conv_offset.{p}" for c in ("conv0", "conv_spatial") for p in ("weight", "bias"))
+    x = torch.randn(2, 8, 20, 24)
+    torch.testing.assert_close(dlka(x), lka(x), rtol=1e-5, atol=1e-5)
+
+
+def test_3d_layout_follows_the_paper():
+    """Convolutional stages above 1/4 resolution; D-LKA stages (patch merging, then 3 blocks, 2 in
+    the bottleneck) from 1/4 down, with the 3D D-LKA (one extra deformable 3^3 convolution); 3
+    blocks per decoder stage at those resolutions and one residual block above."""
+    net = DLKANet(ANISO_3D, 1, 2)
+    assert net.dlka_stages == [2, 3, 4]  # cumulative strides (1,1,1) (1,2,2) | (2,4,4) (4,8,8) (4,16,16)
+
+    def blocks(module):
+        return [m for m in module.modules() if isinstance(m, DLKABlock)]
+
+    assert [len(blocks(net.encoder.stages[s])) for s in range(5)] == [0, 0, 3, 3, 2]
+    assert [len(blocks(stage)) for stage in net.decoder.stages] == [3, 3, 0, 0]  # deepest first
+    block = blocks(net.encoder.stages[2])[0]
+    assert isinstance(block.attention.spatial_gating_unit.deform_conv, DeformableConv)
+    assert not isinstance(block.attention.spatial_gating_unit.conv0, DeformableConv)
+    assert block.gamma.detach().eq(1e-6).all()
+
+
+def test_2d_keeps_the_plans_encoder_and_puts_d_lka_in_the_decoder():
+    net = DLKANet(TOPO_2D, 1, 2)
+    plain = TOPO_2D.build_encoder(1)
+    assert [n for n, _ in net.encoder.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    decoder_blocks = [[m for m in stage.modules() if isinstance(m, DLKABlock)] for stage in net.decoder.stages]
+    assert [len(b) for b in decoder_blocks] == [2, 0, 0]  # at 1/4, 1/2 and 1 (the 1/8 bottleneck has none)
+    gating = decoder_blocks[0][0].attention.spatial_gating_unit
+    assert isinstance(gating.conv0, DeformableConv) and isinstance(gating.conv_spatial, DeformableConv)
+    assert gating.deform_conv is None
+
+
+def test_initialisation_keeps_d_lka_offsets_at_zero():
+    """nnU-Net's He initialisation touches every convolution; the D-LKA blocks are re-initialised
+    afterwards, so offsets are zero and the network starts with moderate outputs."""
+    torch.manual_seed(0)
+    net = DLKANet(ANISO_3D, 1, 2)
+    offsets = [m.conv_offset for m in net.modules() if isinstance(m, DeformableConv)]
+    assert offsets and all(o.weight.eq(0).all() and o.bias.eq(0).all() for o in offsets)
+    with torch.no_grad():
+        out = net(torch.randn(2, 1, *ANISO_3D.patch_size))
+    assert max(o.abs().max().item() for o in out) < 100
+
+
+def test_position_embedding_is_resampled_for_other_sizes():
+    torch.manual_seed(0)
+    net = DLKANet(TOPO_2D, 1, 2, position_embedding=True).eval()
+    embeddings = [m.position_embedding for m in net.modules() if isinstance(m, DLKABlock)]
+    assert [tuple(e.shape[2:]) for e in embeddings] == [(10, 14)] * 2
+    x = torch.randn(1, 1, 48, 64)  # another size than the patch: 12 x 16 at 1/4
+    with torch.no_grad():
+        before = net(x)[0]
+        for e in embeddings:
+            e.normal_()
+        after = net(x)[0]
+    assert after.shape == before.shape and not torch.allclose(after, before)
+
+
+def test_plans_that_never_reach_quarter_resolution_are_rejected():
+    shallow = make_topology(2, [(1, 1), (2, 2)], [8, 16], (32, 32))
+    with pytest.raises(PlansError, match="dlka_from_stride"):
+        DLKANet(shallow, 1, 2)
+    assert DLKANet(shallow, 1, 2, dlka_from_stride=2).dlka_stages == [1]
+
+
+def test_synapse_configuration_matches_the_papers_counts():
+    """The official code's layout (3 bottleneck blocks, learned position embeddings) has the paper's
+    42.35 M parameters and, without the deformable convolutions that fvcore cannot see, its 66.96
+    GFLOPs (fvcore counts multiply-accumulates); the layout the paper's text describes has fewer."""
+    rows = {r["network"].split(" (")[0]: r for r in bm.dlka_paper_comparison()}
+    official, text = rows["official code"], rows["paper's text"]
+    assert official["parameters"] == pytest.approx(bm.DLKA_PAPER["parameters"], rel=0.002)
+    assert official["macs_without_deformable"] == pytest.approx(bm.DLKA_PAPER["macs"], rel=0.002)
+    assert text["parameters"] < 0.7 * official["parameters"]
+    assert official["macs"] > official["macs_without_deformable"]
+
+
+def test_torch_compile_traces_the_deformable_convolution():
+    """nnU-Net compiles networks on CUDA: the chunked, checkpointed operator traces."""
+    torch.manual_seed(0)
+    net = DLKANet(make_topology(3, [(1, 1, 1), (2, 2, 2), (2, 2, 2)], [4, 8, 8], (8, 16, 16)), 1, 2)
+    assert_compiles_like_eager(net, torch.randn(1, 1, 8, 16, 16))
