@@ -82,10 +82,15 @@ class Topology:
     def dim(self) -> int:
         return convert_conv_op_to_dim(self.conv_op)
 
+    def cumulative_strides(self) -> list[tuple[int, ...]]:
+        """How much each stage's output is downsampled relative to the input, per axis."""
+        return [tuple(math.prod(s[a] for s in self.strides[:i + 1]) for a in range(self.dim))
+                for i in range(self.n_stages)]
+
     @property
     def total_stride(self) -> tuple[int, ...]:
         """Product of all strides: inputs must be a multiple of this per axis."""
-        return tuple(math.prod(s[a] for s in self.strides) for a in range(self.dim))
+        return self.cumulative_strides()[-1]
 
     def feature_map_sizes(self, input_size: Sequence[int] | None = None) -> list[tuple[int, ...]]:
         """Spatial size of each encoder stage's output for `input_size` (default: the patch size)."""

@@ -12,6 +12,7 @@ from dynamic_network_architectures.building_blocks.plain_conv_encoder import Pla
 from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from conftest import TOPOLOGIES
 from nnunet_ext.plans_io import load_configuration
 from nnunet_ext.registry import Architecture, get_architecture
 from nnunet_ext.topology import PlansError, Topology
@@ -45,6 +46,13 @@ def test_topology_matches_plans(planned, plans_name, residual, configuration):
     sizes = [tuple(o.shape[2:]) for o in out]
     stride = torch.tensor(cm.pool_op_kernel_sizes).cumprod(0)[:-1]
     assert sizes == [tuple(int(p) // int(s) for p, s in zip(cm.patch_size, st)) for st in stride]
+
+
+def test_strides_and_feature_map_sizes_per_stage():
+    topology = TOPOLOGIES["3d_5stages_aniso_4ch"][0]  # strides (1,1,1) (1,2,2) (2,2,2) (2,2,2) (1,2,2), patch 20x48x32
+    assert topology.cumulative_strides() == [(1, 1, 1), (1, 2, 2), (2, 4, 4), (4, 8, 8), (4, 16, 16)]
+    assert topology.total_stride == (4, 16, 16)
+    assert topology.feature_map_sizes() == [(20, 48, 32), (20, 24, 16), (10, 12, 8), (5, 6, 4), (5, 3, 2)]
 
 
 def test_plans_that_are_not_a_unet_are_refused(planned):

@@ -38,8 +38,7 @@ class SegmentationNetwork(nn.Module):
         super().__init__()
         self.total_stride = topology.total_stride
         # Stride of each deep-supervision output relative to the input, highest resolution first.
-        self.output_strides = [tuple(math.prod(s[a] for s in topology.strides[:i + 1]) for a in range(topology.dim))
-                               for i in range(topology.n_stages - 1)]
+        self.output_strides = topology.cumulative_strides()[:-1]
 
     def initialize(self) -> None:
         """nnU-Net's initialisation: He-normal convolutions, residual branches starting at zero."""

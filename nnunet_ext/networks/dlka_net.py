@@ -11,8 +11,6 @@ every deviation.
 
 from __future__ import annotations
 
-import math
-
 from torch import nn
 
 from dynamic_network_architectures.building_blocks.helper import get_matching_convtransp
@@ -85,8 +83,7 @@ class DLKANet(SegmentationNetwork):
             raise PlansError(f"deformable must be one of {DEFORMABLE} or None, got {deformable!r}.")
         if min(encoder_blocks, bottleneck_blocks, decoder_blocks) < 0:
             raise PlansError("Block counts must be >= 0.")
-        strides = [tuple(math.prod(s[a] for s in topology.strides[:i + 1]) for a in range(topology.dim))
-                   for i in range(topology.n_stages)]
+        strides = topology.cumulative_strides()
         self.dlka_stages = [s for s in range(1, topology.n_stages) if max(strides[s]) >= dlka_from_stride]
         if not self.dlka_stages:
             raise PlansError(f"D-LKA Net puts D-LKA blocks at stages downsampled by {dlka_from_stride} or more, "
