@@ -285,6 +285,11 @@ def ratio(value, reference) -> str:
     return "-" if value is None or reference in (None, 0) else f"{value / reference:.2f}x"
 
 
+def memory_label(device: str) -> str:
+    """What the peak-memory column measures on `device` (see `timed_with_peak`)."""
+    return "peak CUDA memory" if device == "cuda" else "peak RSS growth"
+
+
 def megabytes(n: int) -> str:
     return f"{n / 2 ** 20:,.0f} MB"
 

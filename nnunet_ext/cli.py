@@ -204,7 +204,7 @@ def cmd_benchmark_dlka(args) -> int:
     from nnunet_ext import benchmark as bm
 
     rows = bm.benchmark_deform_conv(bm.DEFORM_SHAPES, args.repeats, args.device, progress=_progress)
-    memory = "peak CUDA memory" if args.device == "cuda" else "peak RSS growth"
+    memory = bm.memory_label(args.device)
     table = [["deformable convolution", "input", "ours", "unfused", "torchvision", "unfused / ours",
               "torchvision / ours", f"{memory}: ours", "unfused", "torchvision"]]
 
@@ -243,7 +243,7 @@ def cmd_benchmark(args) -> int:
     rows = bm.benchmark_networks(names, args.dataset, args.configuration, args.plans, args.device, args.repeats,
                                  progress=_progress)
     reference = rows[0]
-    memory = "peak CUDA memory" if args.device == "cuda" else "peak RSS growth"
+    memory = bm.memory_label(args.device)
     table = [["network", "parameters", "GMACs/patch", "vs nnU-Net", "train step", "vs nnU-Net", memory, "vs nnU-Net"]]
     for r in rows:
         table.append([r["network"], f"{r['parameters'] / 1e6:.2f} M", f"{r['macs'] / 1e9:.2f}",

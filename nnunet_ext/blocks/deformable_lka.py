@@ -53,7 +53,8 @@ class DeformableConv(nn.Module):
         # nn.Conv's default initialisation, as torchvision's DeformConv2d uses.
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
-            nn.init.uniform_(self.bias, -1 / math.sqrt(self.weight[0].numel()), 1 / math.sqrt(self.weight[0].numel()))
+            bound = 1 / math.sqrt(self.weight[0].numel())  # 1 / sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
         self.reset_offsets()
 
     def reset_offsets(self) -> None:
