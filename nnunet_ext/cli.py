@@ -1,4 +1,5 @@
-"""The `nnunet-ext` command: env, list, doctor, make-dataset, demo, benchmark, benchmark-scan, benchmark-dlka."""
+"""The `nnunet-ext` command: env, list, doctor, make-dataset, demo, benchmark, benchmark-scan, benchmark-dlka,
+benchmark-kan."""
 
 from __future__ import annotations
 
@@ -200,25 +201,42 @@ def cmd_benchmark_scan(args) -> int:
     return 0
 
 
+def _field(row: dict, implementation: str, key: str):
+    """One measurement of a benchmark row, None where the implementation did not run."""
+    return None if row[implementation] is None else row[implementation][key]
+
+
+def _implementation_table(rows: list[dict], first: str, names: tuple[str, ...], device: str) -> list[list[str]]:
+    """Seconds per implementation, their ratios to the first, and peak memory, one row per shape."""
+    from nnunet_ext import benchmark as bm
+
+    table = [[first, "input", *names, *(f"{n} / {names[0]}" for n in names[1:]),
+              *(f"{bm.memory_label(device)}: {n}" if i == 0 else n for i, n in enumerate(names))]]
+    for r in rows:
+        table.append([r["shape"], r["input"], *(bm.seconds(_field(r, n, "seconds")) for n in names),
+                      *(bm.ratio(_field(r, n, "seconds"), r[names[0]]["seconds"]) for n in names[1:]),
+                      *("-" if _field(r, n, "peak_bytes") is None else bm.megabytes(_field(r, n, "peak_bytes"))
+                        for n in names)])
+    return table
+
+
+def cmd_benchmark_kan(args) -> int:
+    from nnunet_ext import benchmark as bm
+
+    rows = bm.benchmark_kan_linear(bm.KAN_SHAPES, args.repeats, args.device, progress=_progress)
+    print(f"KANLinear (grid 5, order 3), forward+backward, float32, {args.device} (median of {args.repeats}; "
+          "per feature: 1 run). recursion: the same bases under plain autograd (efficient-kan's way).")
+    print(_table(_implementation_table(rows, "KANLinear", bm.KAN_IMPLEMENTATIONS, args.device)))
+    return 0
+
+
 def cmd_benchmark_dlka(args) -> int:
     from nnunet_ext import benchmark as bm
 
     rows = bm.benchmark_deform_conv(bm.DEFORM_SHAPES, args.repeats, args.device, progress=_progress)
-    memory = bm.memory_label(args.device)
-    table = [["deformable convolution", "input", "ours", "unfused", "torchvision", "unfused / ours",
-              "torchvision / ours", f"{memory}: ours", "unfused", "torchvision"]]
-
-    def get(row, name, key):
-        return None if row[name] is None else row[name][key]
-
-    for r in rows:
-        table.append([r["shape"], r["input"], *(bm.seconds(get(r, n, "seconds")) for n in ("ours", "unfused", "torchvision")),
-                      *(bm.ratio(get(r, n, "seconds"), r["ours"]["seconds"]) for n in ("unfused", "torchvision")),
-                      *("-" if get(r, n, "peak_bytes") is None else bm.megabytes(get(r, n, "peak_bytes"))
-                        for n in ("ours", "unfused", "torchvision"))])
     print(f"Deformable convolution, forward+backward, float32, {args.device} (median of {args.repeats}; "
           "torchvision: 2D only)")
-    print(_table(table))
+    print(_table(_implementation_table(rows, "deformable convolution", ("ours", "unfused", "torchvision"), args.device)))
 
     _progress("  D-LKA Net at the paper's Synapse configuration ...")
     table = [["D-LKA Net, Synapse 64x128x128", "parameters", "vs paper", "GMACs", "GMACs without deformable convs",
@@ -302,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
     p.add_argument("--repeats", type=int, default=3)
 
+    p = sub.add_parser("benchmark-kan", help="KANLinear vs the same recursion under plain autograd and a naive "
+                                             "per-feature loop, at U-KAN's token shapes")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
+    p.add_argument("--repeats", type=int, default=3)
+
     p = sub.add_parser("demo", help="synthetic dataset -> plan -> train (short) -> predict -> Dice, on CPU")
     p.add_argument("--dir", default="nnunet_ext_demo", help="workspace folder (replaced on each run)")
     p.add_argument("-c", "--configuration", default="3d_fullres", choices=("2d", "3d_fullres"))
@@ -312,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"env": cmd_env, "list": cmd_list, "doctor": cmd_doctor, "make-dataset": cmd_make_dataset,
             "demo": cmd_demo, "benchmark": cmd_benchmark, "benchmark-scan": cmd_benchmark_scan,
-            "benchmark-dlka": cmd_benchmark_dlka}
+            "benchmark-dlka": cmd_benchmark_dlka, "benchmark-kan": cmd_benchmark_kan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -119,3 +119,16 @@ register(Architecture(
     options={"encoder_blocks": None, "bottleneck_blocks": None, "decoder_blocks": None, "dlka_from_stride": 4,
              "deformable": None, "position_embedding": False, "layer_scale": 1e-6},
 ))
+
+register(Architecture(
+    name="ukan",
+    trainer="nnUNetTrainerUKAN",
+    network="nnunet_ext.networks.ukan:UKAN",
+    dims=(2, 3),
+    summary="U-Net whose two lowest-resolution stages are tokenized KAN blocks (token shift, "
+            "B-spline KANLinear, depthwise convolution), convolutional above",
+    reference="Li et al., U-KAN Makes Strong Backbone for Medical Image Segmentation and Generation, "
+              "AAAI 2025; seed 000",
+    options={"token_mixer": "kan", "token_shift": True, "kan_conv": False, "depth": 1, "drop_path_rate": 0.0,
+             "grid_size": 5, "spline_order": 3},
+))

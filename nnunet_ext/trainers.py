@@ -8,10 +8,14 @@ registry for tests and demos.
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_ext.blocks.kan import kan_parameters
 from nnunet_ext.registry import ARCHITECTURES, get_architecture
 from nnunet_ext.topology import Topology
 
@@ -46,6 +50,42 @@ class nnUNetTrainerDLKANet(nnUNetExtTrainer):
     """D-LKA Net with nnU-Net's optimiser, which the official 3D code also trains with (SGD,
     Nesterov momentum 0.99, lr 0.01)."""
     architecture = "dlka_net"
+
+
+class CosineLRScheduler(_LRScheduler):
+    """Cosine annealing of each parameter group's initial lr down to `min_lr` over `max_steps`,
+    stepped as nnU-Net steps its PolyLRScheduler: `step(current_epoch)` at every epoch start."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_steps: int, min_lr: float = 0.0):
+        self.max_steps, self.min_lr, self.ctr = max_steps, min_lr, 0
+        super().__init__(optimizer)
+
+    def step(self, current_step: int | None = None) -> None:
+        if current_step is None or current_step == -1:
+            current_step, self.ctr = self.ctr, self.ctr + 1
+        factor = 0.5 * (1 + math.cos(math.pi * min(current_step / self.max_steps, 1.0)))
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = self.min_lr + (base_lr - self.min_lr) * factor
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+class nnUNetTrainerUKAN(nnUNetExtTrainer):
+    """U-KAN with the official recipe: Adam with weight decay 1e-4, lr 1e-4 and 1e-2 for the KAN
+    layers, cosine annealing to 1e-5; nnU-Net's epochs, loss and gradient clipping (docs/ukan.md)."""
+    architecture = "ukan"
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr, self.kan_lr, self.min_lr, self.weight_decay = 1e-4, 1e-2, 1e-5, 1e-4
+
+    def configure_optimizers(self):
+        kan = kan_parameters(self.network)
+        kan_ids = {id(p) for p in kan}
+        other = [p for p in self.network.parameters() if id(p) not in kan_ids]
+        optimizer = torch.optim.Adam([{"params": other, "lr": self.initial_lr}, {"params": kan, "lr": self.kan_lr}],
+                                     weight_decay=self.weight_decay)
+        return optimizer, CosineLRScheduler(optimizer, self.num_epochs, self.min_lr)
 
 
 # Short schedules: (epochs, training iterations per epoch, validation iterations per epoch).

@@ -58,3 +58,24 @@ def test_benchmark_dlka_command_prints_both_tables(monkeypatch, capsys):
     papers = {line.split(" (")[0]: line for line in out[8:]}
     assert set(papers) == {"paper", "paper's text", "official code"}
     assert "42.35 M" in papers["paper"] and "66.96" in papers["paper"]
+
+
+def test_the_three_kan_linears_compute_the_same_thing():
+    from nnunet_ext.blocks.kan import KANLinear
+
+    torch.manual_seed(0)
+    layer, x = KANLinear(6, 5), torch.randn(30, 6) * 1.5
+    outputs = [bm._kan_linear_forward(name, layer, x) for name in bm.KAN_IMPLEMENTATIONS]
+    for other in outputs[1:]:
+        torch.testing.assert_close(other, outputs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_benchmark_kan_command_prints_every_implementation(monkeypatch, capsys):
+    monkeypatch.setattr(bm, "KAN_SHAPES", (bm.KANShape("tiny", 16, 4), bm.KANShape("tiny wide", 8, 12)))
+    assert main(["benchmark-kan", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("KANLinear (grid 5, order 3), forward+backward")
+    assert out[1].split()[:5] == ["KANLinear", "input", "ours", "recursion", "per"]
+    rows = [line.split() for line in out[3:]]
+    assert [r[:2] for r in rows] == [["tiny", "16x4"], ["tiny", "wide"]]
+    assert all(r.count("MB") == 3 and sum(v.endswith("x") for v in r) == 2 for r in rows)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynamic_network_architectures.building_blocks.helper import get_matching_convtransp
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
 
 from nnunet_ext.topology import Topology
@@ -24,6 +25,28 @@ def decode(skips: list[torch.Tensor], step, seg_layers, deep_supervision: bool):
             outputs.append(seg(x))
     outputs = outputs[::-1]
     return outputs if deep_supervision else outputs[0]
+
+
+class AdditiveSkipDecoder(nn.Module):
+    """Per decoder stage: a transposed convolution, the skip added (not concatenated), then
+    `blocks[s]`, the stage's blocks at the resolution of encoder stage s; a 1x1 head per stage."""
+
+    def __init__(self, topology: Topology, num_classes: int, deep_supervision: bool, blocks: list[nn.Module]):
+        super().__init__()
+        transposed = get_matching_convtransp(topology.conv_op)
+        features, strides = topology.features_per_stage, topology.strides
+        resolutions = range(topology.n_stages - 2, -1, -1)  # deepest decoder stage first
+        self.transpconvs = nn.ModuleList(transposed(features[s + 1], features[s], strides[s + 1], strides[s + 1])
+                                         for s in resolutions)
+        self.stages = nn.ModuleList(blocks[s] for s in resolutions)
+        self.seg_layers = nn.ModuleList(topology.conv_op(features[s], num_classes, 1) for s in resolutions)
+        self.deep_supervision = deep_supervision
+
+    def step(self, i: int, x, skip):
+        return self.stages[i](self.transpconvs[i](x) + skip)
+
+    def forward(self, skips):
+        return decode(skips, self.step, self.seg_layers, self.deep_supervision)
 
 
 class SegmentationNetwork(nn.Module):

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from dynamic_network_architectures.building_blocks.helper import get_matching_convtransp
 from dynamic_network_architectures.building_blocks.residual import BasicBlockD
 
 from nnunet_ext.blocks.deformable_lka import DEFORMABLE, DLKABlock
-from nnunet_ext.networks.base import SegmentationNetwork, decode
+from nnunet_ext.networks.base import AdditiveSkipDecoder, SegmentationNetwork
 from nnunet_ext.topology import PlansError, Topology
 
 # The paper's layout per dimension, used for every option left at None.
@@ -27,27 +26,6 @@ PAPER_LAYOUT = {
 }
 
 SYNAPSE_PATCH_SIZE = (64, 128, 128)
-
-
-class DLKADecoder(nn.Module):
-    """Transposed convolution, additive skip, then the stage's blocks; a 1x1 head per stage."""
-
-    def __init__(self, topology: Topology, num_classes: int, deep_supervision: bool, blocks: list[nn.Module]):
-        super().__init__()
-        transposed = get_matching_convtransp(topology.conv_op)
-        features, strides = topology.features_per_stage, topology.strides
-        resolutions = range(topology.n_stages - 2, -1, -1)  # deepest decoder stage first
-        self.transpconvs = nn.ModuleList(transposed(features[s + 1], features[s], strides[s + 1], strides[s + 1])
-                                         for s in resolutions)
-        self.stages = nn.ModuleList(blocks[s] for s in resolutions)
-        self.seg_layers = nn.ModuleList(topology.conv_op(features[s], num_classes, 1) for s in resolutions)
-        self.deep_supervision = deep_supervision
-
-    def step(self, i: int, x, skip):
-        return self.stages[i](self.transpconvs[i](x) + skip)
-
-    def forward(self, skips):
-        return decode(skips, self.step, self.seg_layers, self.deep_supervision)
 
 
 class DLKANet(SegmentationNetwork):
@@ -112,7 +90,7 @@ class DLKANet(SegmentationNetwork):
             dlka_blocks(s, decoder_blocks) if s in self.dlka_stages and decoder_blocks else
             BasicBlockD(conv_op, features[s], features[s], topology.kernel_sizes[s], 1, topology.conv_bias, **norm, **act)
             for s in range(topology.n_stages - 1)]
-        self.decoder = DLKADecoder(topology, num_classes, deep_supervision, decoder_stages)
+        self.decoder = AdditiveSkipDecoder(topology, num_classes, deep_supervision, decoder_stages)
         self.initialize()
 
     def initialize(self) -> None:

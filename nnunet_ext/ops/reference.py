@@ -5,6 +5,8 @@ the dtype they are given (tests use float64).
 - `selective_scan_loop`: a Python loop over the sequence, autograd through every step.
 - `deform_conv_unfused`: the column-matrix (im2col) deformable convolution, with the bilinear or
   trilinear interpolation spelled out corner by corner instead of `grid_sample`.
+- `kan_linear_per_feature`: KANLinear one input feature and one basis at a time, each basis from
+  the textbook Cox-de Boor recursion (`b_spline_basis`).
 """
 
 from __future__ import annotations
@@ -79,3 +81,27 @@ def deform_conv_unfused(input, offset, weight, bias=None, stride=1, padding=0, d
     out = torch.einsum("gok,bgkn->bgon", weight.reshape(groups, c_out // groups, -1), columns)
     out = out.reshape(b, c_out, *out_size)
     return out if bias is None else out + bias.view(1, -1, *(1,) * dim)
+
+
+def b_spline_basis(x, knots, i: int, k: int):
+    """B_i,k at the points x (1-D) on the 1-D knot vector `knots`, by the recursive definition."""
+    if k == 0:
+        return ((knots[i] <= x) & (x < knots[i + 1])).to(x.dtype)
+    value = torch.zeros_like(x)
+    if knots[i + k] != knots[i]:
+        value = value + (x - knots[i]) / (knots[i + k] - knots[i]) * b_spline_basis(x, knots, i, k - 1)
+    if knots[i + k + 1] != knots[i + 1]:
+        value = value + (knots[i + k + 1] - x) / (knots[i + k + 1] - knots[i + 1]) * b_spline_basis(x, knots, i + 1, k - 1)
+    return value
+
+
+def kan_linear_per_feature(x, base_weight, spline_weight, grid, spline_order: int, base_activation=F.silu):
+    """KANLinear's output for x (samples, in): sum over input features i of
+    base_weight[:, i] * base_activation(x_i) + sum_j spline_weight[:, i, j] * B_j(x_i), with
+    `spline_weight` already scaled by any standalone scaler."""
+    out = x.new_zeros(x.shape[0], base_weight.shape[0])
+    for i in range(x.shape[1]):
+        out = out + base_activation(x[:, i, None]) * base_weight[:, i]
+        for j in range(spline_weight.shape[2]):
+            out = out + b_spline_basis(x[:, i], grid[i], j, spline_order)[:, None] * spline_weight[:, i, j]
+    return out

@@ -1,0 +1,244 @@
+"""B-spline bases, KANLinear, the KAN convolution and the tokenized KAN block, against independent
+references: scipy's B-splines, the textbook recursion one basis and one feature at a time
+(ops/reference.py), and an unfold + KANLinear convolution."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.interpolate import BSpline
+from torch import nn
+
+from nnunet_ext.blocks import kan
+from nnunet_ext.blocks.kan import KANConv, KANLinear, TokenizedKANLayer, shift_tokens
+from nnunet_ext.ops.b_spline import b_spline_bases, uniform_grid
+from nnunet_ext.ops.reference import b_spline_basis, kan_linear_per_feature
+
+
+def random_grid(features: int, n_knots: int, generator) -> torch.Tensor:
+    """Non-uniform, strictly increasing knots per feature, one pair coinciding in feature 0."""
+    steps = torch.rand(features, n_knots - 1, generator=generator, dtype=torch.float64) + 0.1
+    grid = torch.cat([torch.zeros(features, 1, dtype=torch.float64), steps.cumsum(1)], 1) - 2
+    grid[0, 4] = grid[0, 3]
+    return grid
+
+
+@pytest.mark.parametrize("order", [0, 1, 2, 3, 4])
+def test_bases_equal_scipy_inside_the_grid(order):
+    g = torch.Generator().manual_seed(order)
+    grid = random_grid(3, 12, g)
+    n_bases = grid.shape[1] - order - 1
+    for f in range(3):
+        t = grid[f].numpy()
+        low, high = t[order], t[-order - 1]  # scipy's base interval, where the bases are complete
+        x = torch.rand(500, dtype=torch.float64, generator=g) * (high - low) + low
+        ours = b_spline_bases(x[:, None].expand(-1, 3), grid, order)[:, f]
+        scipy = BSpline(t, np.eye(n_bases), order, extrapolate=False)(x.numpy())
+        np.testing.assert_allclose(ours.numpy(), scipy, atol=1e-12)
+
+
+@pytest.mark.parametrize("order", [1, 3])
+def test_bases_equal_the_recursion_everywhere(order):
+    """Outside the base interval too, down to zero beyond the knots."""
+    g = torch.Generator().manual_seed(1)
+    grid = random_grid(2, 10, g)
+    x = torch.rand(400, 2, dtype=torch.float64, generator=g) * 8 - 3  # knots span about [-2, 4.5]
+    ours = b_spline_bases(x, grid, order)
+    for f in range(2):
+        for j in range(ours.shape[-1]):
+            torch.testing.assert_close(ours[:, f, j], b_spline_basis(x[:, f], grid[f], j, order))
+    outside = (x < grid[:, :1].T) | (x >= grid[:, -1:].T)
+    assert outside.any() and ours[outside].eq(0).all()
+
+
+def test_bases_sum_to_one_inside_the_grid_range():
+    grid = uniform_grid(4, grid_size=5, spline_order=3).double()
+    x = torch.linspace(-1, 1 - 1e-9, 1001, dtype=torch.float64)[:, None].expand(-1, 4)
+    torch.testing.assert_close(b_spline_bases(x, grid, 3).sum(-1), torch.ones(1001, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_bases_gradient_matches_finite_differences(order):
+    """The analytic backward (dB_k from the order k-1 bases) against torch's numerical gradient."""
+    g = torch.Generator().manual_seed(2)
+    grid = random_grid(3, 11, g)
+    grid[0, 4] += 0.05  # distinct knots: the derivative is only defined between them
+    x = (torch.rand(20, 3, dtype=torch.float64, generator=g) * 5 - 1.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda v: b_spline_bases(v, grid, order), (x,))
+
+
+def test_bases_are_float32_under_autocast():
+    grid = uniform_grid(8, 5, 3)
+    x = torch.randn(16, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bases = b_spline_bases(x, grid, 3)
+    assert bases.dtype == torch.float32
+    torch.testing.assert_close(bases, b_spline_bases(x.float(), grid, 3))
+
+
+def test_bases_reject_a_grid_of_another_width():
+    with pytest.raises(ValueError, match="knots for 4 features"):
+        b_spline_bases(torch.randn(3, 5), uniform_grid(4, 5, 3), 3)
+
+
+def test_kan_linear_has_efficient_kans_parameters():
+    layer = KANLinear(6, 4)
+    shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+    assert shapes == {"grid": (6, 12), "base_weight": (4, 6), "spline_weight": (4, 6, 8), "spline_scaler": (4, 6)}
+    expected = torch.arange(-3, 9) * 0.4 - 1  # 5 intervals over [-1, 1], 3 more on each side
+    torch.testing.assert_close(layer.grid, expected.expand(6, -1))
+    assert "spline_scaler" not in KANLinear(6, 4, enable_standalone_scale_spline=False).state_dict()
+
+
+def test_kan_linear_splines_start_through_small_noise():
+    """efficient-kan's initialisation: each spline interpolates noise of +-scale_noise / (2
+    grid_size) at the grid points (6 points, 8 coefficients: exactly)."""
+    torch.manual_seed(0)
+    layer = KANLinear(5, 3, enable_standalone_scale_spline=False, scale_noise=0.1)
+    points = torch.linspace(-1, 1, 6)[:, None].expand(-1, 5)
+    values = torch.einsum("sib,oib->sio", layer.b_splines(points), layer.spline_weight.detach())
+    assert values.abs().max() <= 0.01 + 1e-5 and values.abs().max() > 0.002
+
+
+@pytest.mark.parametrize("standalone", [True, False])
+def test_kan_linear_equals_the_per_feature_loop(standalone):
+    torch.manual_seed(0)
+    layer = KANLinear(5, 3, enable_standalone_scale_spline=standalone, scale_spline=0.7).double()
+    with torch.no_grad():
+        layer.spline_weight.normal_()  # splines far from the initial noise
+    x = (torch.randn(2, 7, 5, dtype=torch.float64) * 1.5).requires_grad_()  # some points beyond the grid
+    ours = layer(x)
+    reference = kan_linear_per_feature(x.reshape(-1, 5), layer.base_weight, layer.scaled_spline_weight,
+                                       layer.grid, 3).reshape(2, 7, 3)
+    torch.testing.assert_close(ours, reference)
+    weights = [x, layer.base_weight, layer.spline_weight]
+    torch.testing.assert_close(torch.autograd.grad(ours.square().sum(), weights),
+                               torch.autograd.grad(reference.square().sum(), weights))
+
+
+def test_kan_linear_under_bf16_autocast_stays_close_to_fp32():
+    torch.manual_seed(0)
+    layer, x = KANLinear(32, 16), torch.randn(64, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = layer(x)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), layer(x), rtol=0.05, atol=0.05)
+
+
+def test_update_grid_moves_the_knots_to_the_data_and_keeps_the_function():
+    """The knots follow the data's range; the refitted splines (scaler included, which efficient-kan
+    applies twice) compute nearly the same outputs on that data."""
+    torch.manual_seed(0)
+    layer = KANLinear(4, 3, scale_spline=2.0)
+    with torch.no_grad():
+        layer.spline_weight.normal_()
+    x = torch.rand(512, 4) * 1.2 - 0.8  # inside [-0.8, 0.4]
+    before = layer(x)
+    layer.update_grid(x)
+    inner = layer.grid[:, 3:-3]
+    torch.testing.assert_close(inner[:, 0], x.min(0).values - 0.01 * 0.02, atol=2e-3, rtol=0)
+    torch.testing.assert_close(inner[:, -1], x.max(0).values + 0.01 * 0.02, atol=2e-3, rtol=0)
+    after = layer(x)
+    assert (after - before).abs().max() < 0.05 * before.std()
+
+
+def test_regularization_loss_is_l1_plus_entropy():
+    layer = KANLinear(3, 2)
+    with torch.no_grad():
+        layer.spline_weight.copy_(torch.arange(48.0).view(2, 3, 8) - 20)
+    l1 = layer.spline_weight.detach().abs().mean(-1).double().numpy()
+    p = l1 / l1.sum()
+    expected = 0.5 * l1.sum() + 2.0 * -(p * np.log(p)).sum()
+    assert layer.regularization_loss(0.5, 2.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def unfold(x: torch.Tensor, kernel, stride) -> torch.Tensor:
+    """(b, c, *size) -> (b, *out, c * taps): every receptive field as one vector, channel-major."""
+    dim = len(kernel)
+    for a in range(dim):
+        x = x.unfold(2 + a, kernel[a], stride[a])  # (b, c, *out, *kernel) once all axes are done
+    return x.permute(0, *range(2, 2 + dim), 1, *range(2 + dim, 2 + 2 * dim)).flatten(1 + dim)
+
+
+@pytest.mark.parametrize("conv_op, size, kernel, stride, padding", [
+    (nn.Conv2d, (9, 8), (3, 3), (2, 1), (1, 1)),
+    (nn.Conv3d, (5, 7, 6), (1, 3, 3), (1, 2, 2), (0, 1, 1)),
+])
+def test_kan_conv_is_kan_linear_over_each_receptive_field(conv_op, size, kernel, stride, padding):
+    torch.manual_seed(0)
+    conv = KANConv(conv_op, 3, 4, kernel, stride, padding).double()
+    with torch.no_grad():
+        conv.spline_weight.normal_()
+    x = (torch.randn(2, 3, *size, dtype=torch.float64) * 1.3).requires_grad_()
+    ours = conv(x)
+
+    taps = math.prod(kernel)
+    padded = F.pad(x, [p for axis in reversed(padding) for p in (axis, axis)])
+    patches = unfold(padded, kernel, stride)
+    spline = (conv.spline_weight * conv.spline_scaler.unsqueeze(2)).movedim(2, -1).reshape(4, 3 * taps, -1)
+    reference = kan_linear_per_feature(patches.reshape(-1, 3 * taps), conv.base_weight.reshape(4, -1), spline,
+                                       conv.grid.repeat_interleave(taps, 0), 3)
+    reference = reference.view(*patches.shape[:-1], 4).movedim(-1, 1)
+    torch.testing.assert_close(ours, reference)
+    weights = [x, conv.base_weight, conv.spline_weight, conv.spline_scaler]
+    torch.testing.assert_close(torch.autograd.grad(ours.square().sum(), weights),
+                               torch.autograd.grad(reference.square().sum(), weights))
+
+
+def test_kan_conv_keeps_its_input_not_its_basis_maps_for_backward():
+    """Autograd holds the padded input and its SiLU (plus weights), not the basis maps, which are
+    (grid_size + spline_order) = 8 times the input."""
+    conv = KANConv(nn.Conv3d, 8, 8, 3, padding=1)
+    x = torch.randn(1, 8, 12, 12, 12, requires_grad=True)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        conv(x).sum().backward()
+    padded_input = 8 * 14 ** 3 * 4
+    assert sum(saved.values()) < 2 * padded_input + 2 * conv.spline_weight.nbytes
+    assert sum(saved.values()) < 0.3 * 8 * padded_input  # the basis maps
+
+
+def test_token_shift_moves_each_channel_group_along_one_axis():
+    x = torch.zeros(1, 10, 6, 7)
+    x[:, :, 3, 3] = 1  # one impulse per channel
+    out = shift_tokens(x, axis=0)  # 5 groups of 2 channels, moved by -2, -1, 0, 1, 2 rows
+    for c in range(10):
+        s = c // 2 - 2
+        assert out[0, c].nonzero().tolist() == [[3 + s, 3]]
+    out = shift_tokens(x, axis=1)
+    assert [out[0, c].nonzero().tolist() for c in (0, 9)] == [[[3, 1]], [[3, 5]]]
+    far = torch.ones(1, 5, 1, 4)  # a one-row map: every shifted group moves out and becomes zero
+    assert shift_tokens(far, axis=0)[0, :, 0, 0].tolist() == [0, 0, 1, 0, 0]
+
+
+def test_tokenized_layer_shifts_along_each_axis_in_turn(monkeypatch):
+    axes = []
+
+    def recording_shift(x, axis):
+        axes.append(axis)
+        return shift_tokens(x, axis)
+
+    monkeypatch.setattr(kan, "shift_tokens", recording_shift)
+    TokenizedKANLayer(nn.Conv3d, 10, token_mixer="mlp")(torch.randn(1, 10, 4, 4, 4))
+    TokenizedKANLayer(nn.Conv2d, 10, token_mixer="mlp")(torch.randn(1, 10, 4, 4))
+    assert axes == [0, 1, 2] + [0, 1, 0]
+    axes.clear()
+    TokenizedKANLayer(nn.Conv2d, 10, token_mixer="mlp", token_shift=False)(torch.randn(1, 10, 4, 4))
+    assert axes == []
+
+
+@pytest.mark.parametrize("mixer, cls", [("kan", KANLinear), ("mlp", nn.Linear)])
+def test_token_mixer_switch_changes_the_layers(mixer, cls):
+    layer = TokenizedKANLayer(nn.Conv2d, 8, token_mixer=mixer)
+    assert [type(fc) for fc in layer.fc] == [cls] * 3
+    with pytest.raises(ValueError, match="token_mixer"):
+        TokenizedKANLayer(nn.Conv2d, 8, token_mixer="kan-mlp")
