@@ -101,6 +101,14 @@ class Topology:
             sizes.append(size)
         return sizes
 
+    def norm(self, channels: int) -> nn.Module:
+        """The plans' normalisation for `channels` (Identity where the plans have none)."""
+        return self.norm_op(channels, **(self.norm_op_kwargs or {})) if self.norm_op else nn.Identity()
+
+    def nonlinearity(self) -> nn.Module:
+        """The plans' nonlinearity (Identity where the plans have none)."""
+        return self.nonlin(**(self.nonlin_kwargs or {})) if self.nonlin else nn.Identity()
+
     def build_encoder(self, input_channels: int) -> PlainConvEncoder | ResidualEncoder:
         common = dict(input_channels=input_channels, n_stages=self.n_stages,
                       features_per_stage=list(self.features_per_stage), conv_op=self.conv_op,

@@ -83,9 +83,7 @@ class DLKANet(SegmentationNetwork):
             if count:
                 # The paper's patch merging: a convolution with kernel = stride, then a norm.
                 merge = conv_op(features[s - 1], features[s], topology.strides[s], topology.strides[s])
-                merge_norm = topology.norm_op(features[s], **(topology.norm_op_kwargs or {})) \
-                    if topology.norm_op else nn.Identity()
-                self.encoder.stages[s] = nn.Sequential(merge, merge_norm, dlka_blocks(s, count))
+                self.encoder.stages[s] = nn.Sequential(merge, topology.norm(features[s]), dlka_blocks(s, count))
         decoder_stages = [
             dlka_blocks(s, decoder_blocks) if s in self.dlka_stages and decoder_blocks else
             BasicBlockD(conv_op, features[s], features[s], topology.kernel_sizes[s], 1, topology.conv_bias, **norm, **act)

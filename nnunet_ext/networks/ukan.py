@@ -71,18 +71,14 @@ class UKAN(SegmentationNetwork):
                     LayerNormNd(features[s], eps=1e-5)]
 
         def convolutions(count: int, in_channels: int, s: int, stride) -> nn.Module:
-            padding = [k // 2 for k in kernels[s]]
             if not kan_conv:
                 return StackedConvBlocks(count, conv_op, in_channels, features[s], kernels[s], stride,
-                                         topology.conv_bias, **norm, nonlin=act["nonlin"],
-                                         nonlin_kwargs=act["nonlin_kwargs"])
+                                         topology.conv_bias, **norm, **act)
             layers = []
             for i in range(count):
                 layers += [KANConv(conv_op, in_channels if i == 0 else features[s], features[s], kernels[s],
-                                   stride if i == 0 else 1, padding, **kan),
-                           topology.norm_op(features[s], **(norm["norm_op_kwargs"] or {})) if topology.norm_op
-                           else nn.Identity(),
-                           topology.nonlin(**(act["nonlin_kwargs"] or {})) if topology.nonlin else nn.Identity()]
+                                   stride if i == 0 else 1, [k // 2 for k in kernels[s]], **kan),
+                           topology.norm(features[s]), topology.nonlinearity()]
             return nn.Sequential(*layers)
 
         self.encoder = topology.build_encoder(input_channels)
