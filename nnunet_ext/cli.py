@@ -274,6 +274,12 @@ def cmd_benchmark(args) -> int:
     return 0
 
 
+def _add_device_options(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark command takes."""
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs; the tables report their median")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-ext", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -307,23 +313,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--configuration", default="3d_fullres")
     p.add_argument("-p", "--plans", default="nnUNetPlans")
     p.add_argument("-a", "--architectures", nargs="+", help="registered names (default: all)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
-    p.add_argument("--repeats", type=int, default=3)
+    _add_device_options(p)
 
     p = sub.add_parser("benchmark-scan", help="selective scan vs a sequential loop and mambapy's pscan, "
                                               "at LKM-UNet's window shapes")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
-    p.add_argument("--repeats", type=int, default=3)
+    _add_device_options(p)
 
     p = sub.add_parser("benchmark-dlka", help="deformable convolution vs torchvision (2D) and an unfused reference, "
                                               "and D-LKA Net's size at the paper's configuration")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
-    p.add_argument("--repeats", type=int, default=3)
+    _add_device_options(p)
 
     p = sub.add_parser("benchmark-kan", help="KANLinear vs the same recursion under plain autograd and a naive "
                                              "per-feature loop, at U-KAN's token shapes")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
-    p.add_argument("--repeats", type=int, default=3)
+    _add_device_options(p)
 
     p = sub.add_parser("demo", help="synthetic dataset -> plan -> train (short) -> predict -> Dice, on CPU")
     p.add_argument("--dir", default="nnunet_ext_demo", help="workspace folder (replaced on each run)")

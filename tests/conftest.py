@@ -1,6 +1,11 @@
-"""Shared fixtures: plans topologies of the shapes nnU-Net produces, small enough for CPU tests."""
+"""Shared fixtures: plans topologies of the shapes nnU-Net produces, small enough for CPU tests; the
+end-to-end rotation (docs/testing.md)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,3 +85,59 @@ def mamba_ssm():
     import mamba_ssm_reference
 
     return mamba_ssm_reference.load()
+
+
+# The end-to-end rotation. Every end-to-end case is marked `matrix(architecture, variant)` (a variant is
+# a configuration, plans or dataset kind). A default run keeps one variant per architecture, chosen by
+# a rotation key that advances with each commit, so successive CI runs cover the whole matrix while
+# each stays inside CI's time budget; `--full-matrix` runs everything.
+
+def pytest_addoption(parser):
+    parser.addoption("--full-matrix", action="store_true",
+                     help="run every end-to-end case, not one variant per architecture (docs/testing.md)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "matrix(architecture, variant): an end-to-end case of the rotation")
+
+
+def rotation_key() -> int:
+    """NNUNET_EXT_ROTATION if set (to repeat a CI run), else the checkout's commit, else 0."""
+    if "NNUNET_EXT_ROTATION" in os.environ:
+        return int(os.environ["NNUNET_EXT_ROTATION"])
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                          text=True)
+    return int(head.stdout[:8], 16) if head.returncode == 0 else 0
+
+
+def rotation(cases: list[tuple[str, str]], key: int) -> set[tuple[str, str]]:
+    """One variant per architecture: the key picks among each architecture's variants, offset by the
+    architecture's position so that one run mixes variants."""
+    architectures = sorted({a for a, _ in cases})
+    chosen = set()
+    for i, architecture in enumerate(architectures):
+        variants = sorted({v for a, v in cases if a == architecture})
+        chosen.add((architecture, variants[(key + i) % len(variants)]))
+    return chosen
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--full-matrix"):
+        return
+    case = {item: tuple(item.get_closest_marker("matrix").args) for item in items
+            if item.get_closest_marker("matrix")}
+    if not case:
+        return
+    key = rotation_key()
+    chosen = rotation(list(case.values()), key)
+    config.rotation_report = f"end-to-end rotation {key} (NNUNET_EXT_ROTATION={key} repeats it, " \
+        f"--full-matrix runs all): " + ", ".join(f"{a}-{v}" for a, v in sorted(chosen))
+    deselected = [item for item in items if item in case and case[item] not in chosen]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if item not in deselected]
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if hasattr(config, "rotation_report"):
+        terminalreporter.write_line(config.rotation_report)

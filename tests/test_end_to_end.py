@@ -1,6 +1,7 @@
 """End to end through the stock commands, for every registered architecture in 2d and 3d_fullres:
 nnUNetv2_train (short schedule, CPU) -> nnUNetv2_predict in a fresh process -> nnUNetv2_evaluate_simple,
-and a `--c` resume. Each training takes one to two minutes on two CPU cores."""
+and a `--c` resume. Each training takes one to two minutes on two CPU cores. A default run keeps one
+configuration per architecture (the rotation in conftest.py); `--full-matrix` runs them all."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ CASES = [(arch.name, cfg) for arch in ARCHITECTURES.values() for cfg in ("2d", "
 LABELS = {0, 1, 2}
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{a}-{c}" for a, c in CASES])
+@pytest.fixture(scope="module", params=[pytest.param(case, marks=pytest.mark.matrix(*case), id="-".join(case))
+                                        for case in CASES])
 def trained(request, planned):
     arch_name, configuration = request.param
     trainer = f"{ARCHITECTURES[arch_name].trainer}_debug"
