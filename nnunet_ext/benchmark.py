@@ -115,6 +115,27 @@ def reference_network(cm, input_channels: int, num_heads: int):
                                   allow_init=True, deep_supervision=True)
 
 
+def primus_network(cm, input_channels: int, num_heads: int):
+    """nnU-Net's Primus-B (Wald et al. 2025, a pure ViT: 8^3 patches, width 792, 12 blocks), built by
+    nnU-Net's own nnUNet_Primus_B_Trainer for these plans."""
+    from nnunetv2.training.nnUNetTrainer.primus.primus_trainers import nnUNet_Primus_B_Trainer
+
+    return nnUNet_Primus_B_Trainer.build_network_architecture(None, cm, input_channels, num_heads, False)
+
+
+def primus_unsupported(cm) -> str | None:
+    """Why Primus cannot be built on these plans, or None."""
+    if len(cm.patch_size) != 3:
+        return "Primus is 3D only"
+    if any(p % 8 for p in cm.patch_size):
+        return f"Primus needs a patch divisible by 8, the plans have {tuple(cm.patch_size)}"
+    return None
+
+
+# The networks every benchmark compares with: nnU-Net's default, and its own transformer.
+REFERENCES = {"nnU-Net": reference_network, "Primus-B": primus_network}
+
+
 def forward_macs(net: torch.nn.Module, x: torch.Tensor) -> int:
     """Multiply-accumulates of one forward pass, as torch's FlopCounterMode counts them
     (convolutions and matrix products; interpolation and elementwise work are not counted)."""
@@ -132,7 +153,7 @@ def _measure_network(name: str, dataset, configuration: str, plans: str, device:
 
     torch.manual_seed(0)
     cm, input_channels, heads = load_configuration(dataset, configuration, plans)
-    net = (reference_network(cm, input_channels, heads) if name == "nnU-Net" else
+    net = (REFERENCES[name](cm, input_channels, heads) if name in REFERENCES else
            get_architecture(name).build(Topology.from_plans(cm), input_channels, heads))
     dev = torch.device(device)
     net = net.to(dev)
@@ -141,6 +162,7 @@ def _measure_network(name: str, dataset, configuration: str, plans: str, device:
     def step():
         net.zero_grad(set_to_none=True)
         outputs = net(x)
+        outputs = [outputs] if isinstance(outputs, torch.Tensor) else outputs  # Primus: no deep supervision
         sum(o.float().mean() for o in outputs).backward()
 
     seconds, peak = timed_with_peak(step, repeats, dev)
@@ -174,13 +196,20 @@ def isolated(fn, *args, device: str = "cpu"):
 
 
 def benchmark_networks(architectures, dataset, configuration: str, plans: str = "nnUNetPlans",
-                       device: str = "cpu", repeats: int = 3, progress=print) -> list[dict]:
-    """Training-step time, peak memory and forward MACs of each architecture and of nnU-Net's own network."""
+                       device: str = "cpu", repeats: int = 3, progress=print) -> tuple[list[dict], list[str]]:
+    """Training-step time, peak memory and forward MACs of each architecture and of the references
+    (nnU-Net's own network first, then Primus where the plans allow it). Returns the rows and notes
+    on references left out."""
+    from nnunet_ext.plans_io import load_configuration
+
+    cm = load_configuration(dataset, configuration, plans)[0]
+    notes = [f"Primus-B left out: {why}."] if (why := primus_unsupported(cm)) else []
+    names = [n for n in REFERENCES if not (n == "Primus-B" and why)] + list(architectures)
     rows = []
-    for name in ["nnU-Net", *architectures]:
+    for name in names:
         progress(f"  {name}: forward+backward x{repeats + 1} at the plans' patch and batch size ...")
         rows.append(isolated(_measure_network, name, dataset, configuration, plans, device, repeats, device=device))
-    return rows
+    return rows, notes
 
 
 # --------------------------------------------------------------------------- deformable convolution

@@ -258,8 +258,8 @@ def cmd_benchmark(args) -> int:
     from nnunet_ext.registry import get_architecture
 
     names = [get_architecture(a).name for a in (args.architectures or ARCHITECTURES)]
-    rows = bm.benchmark_networks(names, args.dataset, args.configuration, args.plans, args.device, args.repeats,
-                                 progress=_progress)
+    rows, notes = bm.benchmark_networks(names, args.dataset, args.configuration, args.plans, args.device,
+                                        args.repeats, progress=_progress)
     reference = rows[0]
     memory = bm.memory_label(args.device)
     table = [["network", "parameters", "GMACs/patch", "vs nnU-Net", "train step", "vs nnU-Net", memory, "vs nnU-Net"]]
@@ -271,6 +271,8 @@ def cmd_benchmark(args) -> int:
     print(f"{args.dataset} {args.configuration} ({args.plans}): patch {reference['patch_size']}, batch "
           f"{reference['batch_size']}, {args.device}; forward+backward, median of {args.repeats}")
     print(_table(table))
+    for note in notes:
+        print(note)
     return 0
 
 
@@ -307,8 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-label", action="store_true")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("benchmark", help="training-step time and peak memory of architectures vs nnU-Net's "
-                                         "own network, at a dataset's plans")
+    p = sub.add_parser("benchmark", help="parameters, MACs, training-step time and peak memory of "
+                                         "architectures vs nnU-Net's own network (and Primus-B on 3D plans), "
+                                         "at a dataset's plans")
     p.add_argument("-d", "--dataset", required=True)
     p.add_argument("-c", "--configuration", default="3d_fullres")
     p.add_argument("-p", "--plans", default="nnUNetPlans")

@@ -132,3 +132,17 @@ register(Architecture(
     options={"token_mixer": "kan", "token_shift": True, "kan_conv": False, "depth": 1, "drop_path_rate": 0.0,
              "grid_size": 5, "spline_order": 3},
 ))
+
+register(Architecture(
+    name="vit_hybrid",
+    trainer="nnUNetTrainerViTransUNet",
+    network="nnunet_ext.networks.vit_hybrid:ViTransUNet",
+    dims=(2, 3),
+    summary="nnU-Net's U-Net with a ViT (12 pre-norm blocks, width 384, 6 heads; TransUNet's ViT-B with "
+            "width=768, heads=12) over the tokens of the stride-16 encoder stage, positional embeddings "
+            "sized from the patch",
+    reference="Chen et al., TransUNet: Transformers Make Strong Encoders for Medical Image Segmentation, "
+              "2021; seed 003",
+    options={"transformer_stages": None, "depth": 12, "width": 384, "heads": 6, "mlp_ratio": 4.0,
+             "drop_path_rate": 0.1},
+))

@@ -52,21 +52,51 @@ class nnUNetTrainerDLKANet(nnUNetExtTrainer):
     architecture = "dlka_net"
 
 
-class CosineLRScheduler(_LRScheduler):
-    """Cosine annealing of each parameter group's initial lr down to `min_lr` over `max_steps`,
-    stepped as nnU-Net steps its PolyLRScheduler: `step(current_epoch)` at every epoch start."""
+class EpochLRScheduler(_LRScheduler):
+    """Sets each parameter group's lr to `lr(initial lr, step)`, stepped as nnU-Net
+    steps its PolyLRScheduler: `step(current_epoch)` at every epoch start, so a resumed run (`--c`)
+    continues the schedule without saved scheduler state."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, max_steps: int, min_lr: float = 0.0):
-        self.max_steps, self.min_lr, self.ctr = max_steps, min_lr, 0
+    def __init__(self, optimizer: torch.optim.Optimizer, max_steps: int):
+        self.max_steps, self.ctr = max_steps, 0
         super().__init__(optimizer)
+
+    def lr(self, base_lr: float, step: int) -> float:
+        raise NotImplementedError
 
     def step(self, current_step: int | None = None) -> None:
         if current_step is None or current_step == -1:
             current_step, self.ctr = self.ctr, self.ctr + 1
-        factor = 0.5 * (1 + math.cos(math.pi * min(current_step / self.max_steps, 1.0)))
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = self.min_lr + (base_lr - self.min_lr) * factor
+            group["lr"] = self.lr(base_lr, current_step)
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+class CosineLRScheduler(EpochLRScheduler):
+    """Cosine annealing of each parameter group's initial lr down to `min_lr` over `max_steps`."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_steps: int, min_lr: float = 0.0):
+        self.min_lr = min_lr
+        super().__init__(optimizer, max_steps)
+
+    def lr(self, base_lr: float, step: int) -> float:
+        return self.min_lr + (base_lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * min(step / self.max_steps, 1.0)))
+
+
+class WarmupPolyLRScheduler(EpochLRScheduler):
+    """Linear warm-up to the initial lr over `warmup_steps` (step i: (i + 1) / warmup_steps), then
+    nnU-Net's poly decay (exponent 0.9) over the remaining steps: the schedule of nnU-Net's
+    Primus trainers, in one scheduler instead of two."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_steps: int, warmup_steps: int, exponent: float = 0.9):
+        self.warmup_steps, self.exponent = warmup_steps, exponent
+        super().__init__(optimizer, max_steps)
+
+    def lr(self, base_lr: float, step: int) -> float:
+        if step < self.warmup_steps:
+            return base_lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(self.max_steps - self.warmup_steps, 1)
+        return base_lr * (1 - min(progress, 1.0)) ** self.exponent
 
 
 class nnUNetTrainerUKAN(nnUNetExtTrainer):
@@ -86,6 +116,25 @@ class nnUNetTrainerUKAN(nnUNetExtTrainer):
         optimizer = torch.optim.Adam([{"params": other, "lr": self.initial_lr}, {"params": kan, "lr": self.kan_lr}],
                                      weight_decay=self.weight_decay)
         return optimizer, CosineLRScheduler(optimizer, self.num_epochs, self.min_lr)
+
+
+class nnUNetTrainerViTransUNet(nnUNetExtTrainer):
+    """ViT/CNN hybrid with the transformer recipe of nnU-Net's Primus trainers: AdamW (lr 3e-4,
+    weight decay 5e-2, betas 0.9/0.98), a linear warm-up over the first 5% of the epochs (50 of
+    nnU-Net's 1000), then poly decay. Plain SGD at nnU-Net's lr 0.01 is unstable for a transformer
+    trained from scratch (docs/vit_hybrid.md)."""
+    architecture = "vit_hybrid"
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr, self.weight_decay, self.warmup_fraction = 3e-4, 5e-2, 0.05
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.network.parameters(), self.initial_lr, betas=(0.9, 0.98),
+                                      weight_decay=self.weight_decay, fused=self.device.type == "cuda")
+        warmup = max(1, round(self.warmup_fraction * self.num_epochs))
+        return optimizer, WarmupPolyLRScheduler(optimizer, self.num_epochs, warmup)
 
 
 # Short schedules: (epochs, training iterations per epoch, validation iterations per epoch).

@@ -50,6 +50,14 @@ def assert_compiles_like_eager(net: nn.Module, x: torch.Tensor) -> None:
     assert all(p.grad is not None for p in net.parameters())
 
 
+def assert_random_only_in_training(net: nn.Module, x: torch.Tensor) -> None:
+    """Stochastic depth: two training passes differ, evaluation is deterministic."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert not torch.equal(net.train()(x)[0], net(x)[0])
+        assert torch.equal(net.eval()(x)[0], net(x)[0])
+
+
 @pytest.fixture(params=list(TOPOLOGIES), ids=list(TOPOLOGIES))
 def topology_case(request):
     return TOPOLOGIES[request.param]

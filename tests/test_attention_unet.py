@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import TOPOLOGIES
+from conftest import TOPOLOGIES, assert_compiles_like_eager, make_topology
 from nnunet_ext.blocks.attention import AttentionGate, NonLocalSelfAttention
 from nnunet_ext.registry import get_architecture
 
@@ -67,3 +67,11 @@ def test_attention_gates_switch():
     assert len(gated.decoder.gates) == topology.n_stages - 1
     assert plain.decoder.gates is None
     assert not any(isinstance(m, AttentionGate) for m in plain.modules())
+
+
+def test_torch_compile_traces_gates_and_self_attention():
+    torch.manual_seed(0)
+    topology = make_topology(3, [(1, 1, 1), (2, 2, 2), (2, 2, 2)], [4, 8, 8], (8, 16, 16))
+    net = get_architecture("attention_unet").build(topology, 1, 2)
+    assert net.self_attention_stages == [0, 1, 2]  # every stage has at most 4096 positions
+    assert_compiles_like_eager(net, torch.randn(1, 1, 8, 16, 16))

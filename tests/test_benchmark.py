@@ -26,17 +26,25 @@ def test_scan_benchmark_times_every_implementation():
     assert all(rows[0][k] > 0 for k in ("ours", "loop", "mambapy"))
 
 
-def test_benchmark_command_compares_with_nnunets_network(planned):
+def test_benchmark_command_compares_with_nnunets_network_and_primus(planned):
     out = cli("benchmark", "-d", "999", "-c", "3d_fullres", "--repeats", "1", env=planned.env())
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert "patch (" in lines[0] and "batch 2" in lines[0]
     assert lines[1].split()[:6] == ["network", "parameters", "GMACs/patch", "vs", "nnU-Net", "train"]
     rows = {line.split()[0]: line.split() for line in lines[3:]}
-    assert set(rows) == {"nnU-Net", *ARCHITECTURES}
+    assert set(rows) == {"nnU-Net", "Primus-B", *ARCHITECTURES}  # the tiny 3d plans' patch divides by 8
     assert rows["nnU-Net"][4] == rows["nnU-Net"][7] == "1.00x"  # the reference row's MACs and time ratios
     assert all(float(r[3]) > 0 for r in rows.values())
     assert "architecture 'nope'" in cli("benchmark", "-d", "999", "-a", "nope", env=planned.env()).stderr
+
+
+def test_benchmark_leaves_primus_out_of_2d_plans_and_says_why(planned):
+    out = cli("benchmark", "-d", "999", "-c", "2d", "-a", "vit_hybrid", "--repeats", "1", env=planned.env())
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert [line.split()[0] for line in lines[3:-1]] == ["nnU-Net", "vit_hybrid"]
+    assert lines[-1] == "Primus-B left out: Primus is 3D only."
 
 
 def test_deform_conv_benchmark_measures_every_implementation():

@@ -12,7 +12,7 @@ from torch import nn
 
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 
-from conftest import assert_compiles_like_eager, make_topology
+from conftest import assert_compiles_like_eager, assert_random_only_in_training, make_topology
 from test_discovery import run_python
 from nnunet_ext.blocks.kan import KANConv, KANLinear, TokenizedKANBlock, kan_parameters
 from nnunet_ext.networks.ukan import UKAN
@@ -88,11 +88,7 @@ def test_drop_path_rises_over_the_tokenized_blocks_and_is_off_in_eval():
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])
     decoder_rates = [b.drop_path.drop_prob for b in net.decoder.stages[0].modules() if isinstance(b, TokenizedKANBlock)]
     assert decoder_rates == pytest.approx([0.0, 0.1])  # mirrors the stage below it
-    x = torch.randn(2, 1, *TOPO_2D.patch_size)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        assert not torch.equal(net.train()(x)[0], net(x)[0])
-        assert torch.equal(net.eval()(x)[0], net(x)[0])
+    assert_random_only_in_training(net, torch.randn(2, 1, *TOPO_2D.patch_size))
 
 
 def test_plans_with_two_stages_are_rejected():
