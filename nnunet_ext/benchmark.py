@@ -1,9 +1,9 @@
 """Speed and memory, measured against a reference in the same run (`nnunet-ext benchmark*`).
 
-Timings are the median of `repeats` forward+backward passes after one warm-up. Peak memory is
-max_memory_allocated on CUDA; on CPU each measurement runs in a fresh process and we report how
-much its peak resident set grew over the forward+backward passes (weights and imports excluded).
-Multiply-accumulates (MACs) are counted by torch's FlopCounterMode.
+Timings are the median of `repeats` runs after one warm-up. Peak memory is max_memory_allocated on
+CUDA; on CPU each measurement runs in a fresh process and we report how much its peak resident set
+grew over the forward+backward passes (weights and imports excluded). Operations are counted by
+torch's FlopCounterMode (two FLOPs per multiply-accumulate).
 """
 
 from __future__ import annotations
@@ -136,14 +136,20 @@ def primus_unsupported(cm) -> str | None:
 REFERENCES = {"nnU-Net": reference_network, "Primus-B": primus_network}
 
 
-def forward_macs(net: torch.nn.Module, x: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass, as torch's FlopCounterMode counts them
-    (convolutions and matrix products; interpolation and elementwise work are not counted)."""
+def forward_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
+    """Floating-point operations of one forward pass as torch's FlopCounterMode counts them: two per
+    multiply-accumulate of convolutions and matrix products; interpolation and elementwise work are
+    not counted."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         net(x)
-    return counter.get_total_flops() // 2
+    return counter.get_total_flops()
+
+
+def mixed_precision(device: torch.device):
+    """nnU-Net trains and predicts under autocast on CUDA and in float32 elsewhere; so do we."""
+    return torch.autocast(device.type, enabled=device.type == "cuda")
 
 
 def _measure_network(name: str, dataset, configuration: str, plans: str, device: str, repeats: int) -> dict:
@@ -159,16 +165,23 @@ def _measure_network(name: str, dataset, configuration: str, plans: str, device:
     net = net.to(dev)
     x = torch.randn(cm.batch_size, input_channels, *cm.patch_size, device=dev)
 
-    def step():
+    def train_step():
         net.zero_grad(set_to_none=True)
-        outputs = net(x)
+        with mixed_precision(dev):
+            outputs = net(x)
         outputs = [outputs] if isinstance(outputs, torch.Tensor) else outputs  # Primus: no deep supervision
         sum(o.float().mean() for o in outputs).backward()
 
-    seconds, peak = timed_with_peak(step, repeats, dev)
-    return {"network": name, "parameters": sum(p.numel() for p in net.parameters()), "seconds": seconds,
-            "peak_bytes": peak, "macs": forward_macs(net, x[:1]), "patch_size": tuple(cm.patch_size),
-            "batch_size": cm.batch_size}
+    train_seconds, peak = timed_with_peak(train_step, repeats, dev)
+    flops = forward_flops(net, x[:1])
+    # Sliding-window inference as nnU-Net's predictor runs it: one patch, evaluation mode, no deep supervision.
+    net.eval()
+    if hasattr(net, "decoder"):
+        net.decoder.deep_supervision = False
+    with torch.inference_mode(), mixed_precision(dev):
+        inference_seconds = timed(lambda: net(x[:1]), repeats, dev)
+    return {"network": name, "parameters": sum(p.numel() for p in net.parameters()), "flops": flops,
+            "train_seconds": train_seconds, "inference_seconds": inference_seconds, "peak_bytes": peak}
 
 
 def timed_with_peak(step, repeats: int, device: torch.device) -> tuple[float, int]:
@@ -195,21 +208,81 @@ def isolated(fn, *args, device: str = "cpu"):
         return pool.apply(fn, args)
 
 
+# The figures measured per network; each also comes as a ratio to nnU-Net's network (`<figure>_vs_nnunet`).
+NETWORK_FIGURES = {"parameters": "parameters", "flops": "GFLOPs/patch", "train_seconds": "train step",
+                   "inference_seconds": "inference/patch", "peak_bytes": "peak memory"}
+
+MEMORY_MEASURES = {"cuda": "torch.cuda.max_memory_allocated over the training steps",
+                   "cpu": "growth of the peak resident set over the training steps, in a fresh process "
+                          "(weights, inputs and imports excluded)"}
+
+
 def benchmark_networks(architectures, dataset, configuration: str, plans: str = "nnUNetPlans",
-                       device: str = "cpu", repeats: int = 3, progress=print) -> tuple[list[dict], list[str]]:
-    """Training-step time, peak memory and forward MACs of each architecture and of the references
-    (nnU-Net's own network first, then Primus where the plans allow it). Returns the rows and notes
-    on references left out."""
+                       device: str = "cpu", repeats: int = 3, progress=print) -> dict:
+    """Parameters, forward FLOPs per patch, training-step time, one-patch inference time and peak
+    memory of each architecture and of the references (nnU-Net's own network first, then Primus
+    where the plans allow it), at the plans' patch and batch size. Needs the plans only, not
+    preprocessed data. Returns the report: the setting, one row per network with each figure and its
+    ratio to nnU-Net's network, and notes on references left out."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
     from nnunet_ext.plans_io import load_configuration
 
     cm = load_configuration(dataset, configuration, plans)[0]
     notes = [f"Primus-B left out: {why}."] if (why := primus_unsupported(cm)) else []
     names = [n for n in REFERENCES if not (n == "Primus-B" and why)] + list(architectures)
     rows = []
-    for name in names:
-        progress(f"  {name}: forward+backward x{repeats + 1} at the plans' patch and batch size ...")
+    for i, name in enumerate(names, 1):
+        progress(f"  [{i}/{len(names)}] {name}: {repeats + 1} training steps and {repeats + 1} patch "
+                 "predictions at the plans' patch and batch size ...")
         rows.append(isolated(_measure_network, name, dataset, configuration, plans, device, repeats, device=device))
-    return rows, notes
+    for row in rows:
+        for key in NETWORK_FIGURES:
+            row[f"{key}_vs_nnunet"] = row[key] / rows[0][key] if rows[0][key] else None
+    return {"dataset": maybe_convert_to_dataset_name(dataset), "configuration": configuration, "plans": plans,
+            "device": device, "repeats": repeats, "patch_size": list(cm.patch_size), "batch_size": cm.batch_size,
+            "reference": cm.network_arch_class_name.rsplit(".", 1)[-1], "torch": torch.__version__,
+            "memory_measure": MEMORY_MEASURES["cuda" if device == "cuda" else "cpu"], "rows": rows, "notes": notes}
+
+
+def network_table(report: dict) -> list[list[str]]:
+    """The report as table rows: each figure, then its ratio to nnU-Net's network."""
+    formats = {"parameters": lambda v: f"{v / 1e6:.2f} M", "flops": lambda v: f"{v / 1e9:.2f}",
+               "train_seconds": seconds, "inference_seconds": seconds, "peak_bytes": megabytes}
+    header = ["network"]
+    for key, label in NETWORK_FIGURES.items():
+        header += [memory_label(report["device"]) if key == "peak_bytes" else label, "vs nnU-Net"]
+    table = [header]
+    for r in report["rows"]:
+        table.append([r["network"]] + [cell for key in NETWORK_FIGURES
+                                       for cell in (formats[key](r[key]), ratio(r[key], report["rows"][0][key]))])
+    return table
+
+
+def network_chart(report: dict, path) -> None:
+    """A PNG with one panel per figure: each network's ratio to nnU-Net's network, as a bar from 1x on
+    a log scale (so halving and doubling look alike)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    from nnunet_ext.report import figure
+
+    rows = report["rows"]
+    fig, axes = figure(3.2 * len(NETWORK_FIGURES), 0.45 * len(rows) + 1.6, ncols=len(NETWORK_FIGURES), sharey=True)
+    positions = range(len(rows))
+    for ax, (key, label) in zip(axes, NETWORK_FIGURES.items()):
+        values = [r[f"{key}_vs_nnunet"] or float("nan") for r in rows]
+        ax.barh(positions, [v - 1 for v in values], left=1, color=["0.6"] + ["C0"] * (len(rows) - 1))
+        ax.axvline(1.0, color="k", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(memory_label(report["device"]) if key == "peak_bytes" else label, fontsize=10)
+    axes[0].set_yticks(list(positions), [r["network"] for r in rows])
+    axes[0].invert_yaxis()
+    fig.suptitle(f"{report['dataset']} {report['configuration']} ({report['plans']}), patch "
+                 f"{tuple(report['patch_size'])}, batch {report['batch_size']}, {report['device']}: ratio to nnU-Net")
+    fig.savefig(path, dpi=120)
 
 
 # --------------------------------------------------------------------------- deformable convolution

@@ -1,5 +1,5 @@
-"""The `nnunet-ext` command: env, list, doctor, make-dataset, demo, benchmark, benchmark-scan, benchmark-dlka,
-benchmark-kan."""
+"""The `nnunet-ext` command: env, list, doctor, make-dataset, demo, benchmark, compare, benchmark-scan,
+benchmark-dlka, benchmark-kan."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from nnunet_ext import discovery
 from nnunet_ext.registry import ARCHITECTURES
+from nnunet_ext.report import text_table
 
 SUPPORTED_NNUNET = ("2.8", "2.9")  # [lower, upper) of the nnunetv2 releases this version is tested on
 
@@ -19,13 +20,6 @@ SUPPORTED_NNUNET = ("2.8", "2.9")  # [lower, upper) of the nnunetv2 releases thi
 def _message(error: Exception) -> str:
     """An exception's text (KeyError's str() would quote it)."""
     return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def cmd_env(args) -> int:
@@ -40,7 +34,7 @@ def cmd_list(args) -> int:
                           for p in arch.fast_paths) or "-"
         rows.append([arch.name, arch.trainer, "yes" if 2 in arch.dims else "no", "yes" if 3 in arch.dims else "no",
                      paths, arch.summary])
-    print(_table(rows))
+    print(text_table(rows))
     from nnunet_ext.trainers import SCHEDULES
 
     print("\nShort-schedule variants (tests, demos): "
@@ -195,7 +189,7 @@ def cmd_benchmark_scan(args) -> int:
         table.append([r["shape"], r["rows x d_inner x length x d_state"], bm.seconds(r["ours"]), bm.seconds(r["loop"]),
                       bm.seconds(r["mambapy"]), bm.ratio(r["loop"], r["ours"]), bm.ratio(r["mambapy"], r["ours"])])
     print(f"Selective scan, forward+backward, float32, {args.device} (median of {args.repeats}; loop: 1 run)")
-    print(_table(table))
+    print(text_table(table))
     if any(r["mambapy"] is None for r in rows):
         print("mambapy is not installed: pip install mambapy (or nnunet-ext[bench]) to compare with its pscan.")
     return 0
@@ -226,7 +220,7 @@ def cmd_benchmark_kan(args) -> int:
     rows = bm.benchmark_kan_linear(bm.KAN_SHAPES, args.repeats, args.device, progress=_progress)
     print(f"KANLinear (grid 5, order 3), forward+backward, float32, {args.device} (median of {args.repeats}; "
           "per feature: 1 run). recursion: the same bases under plain autograd (efficient-kan's way).")
-    print(_table(_implementation_table(rows, "KANLinear", bm.KAN_IMPLEMENTATIONS, args.device)))
+    print(text_table(_implementation_table(rows, "KANLinear", bm.KAN_IMPLEMENTATIONS, args.device)))
     return 0
 
 
@@ -236,7 +230,7 @@ def cmd_benchmark_dlka(args) -> int:
     rows = bm.benchmark_deform_conv(bm.DEFORM_SHAPES, args.repeats, args.device, progress=_progress)
     print(f"Deformable convolution, forward+backward, float32, {args.device} (median of {args.repeats}; "
           "torchvision: 2D only)")
-    print(_table(_implementation_table(rows, "deformable convolution", ("ours", "unfused", "torchvision"), args.device)))
+    print(text_table(_implementation_table(rows, "deformable convolution", ("ours", "unfused", "torchvision"), args.device)))
 
     _progress("  D-LKA Net at the paper's Synapse configuration ...")
     table = [["D-LKA Net, Synapse 64x128x128", "parameters", "vs paper", "GMACs", "GMACs without deformable convs",
@@ -249,37 +243,84 @@ def cmd_benchmark_dlka(args) -> int:
                       f"{r['macs'] / 1e9:.2f}", f"{r['macs_without_deformable'] / 1e9:.2f}",
                       bm.ratio(r["macs_without_deformable"], paper["macs"])])
     print()
-    print(_table(table))
+    print(text_table(table))
     return 0
 
 
 def cmd_benchmark(args) -> int:
     from nnunet_ext import benchmark as bm
     from nnunet_ext.registry import get_architecture
+    from nnunet_ext.report import output_paths, records, write_csv, write_json
 
     names = [get_architecture(a).name for a in (args.architectures or ARCHITECTURES)]
-    rows, notes = bm.benchmark_networks(names, args.dataset, args.configuration, args.plans, args.device,
-                                        args.repeats, progress=_progress)
-    reference = rows[0]
-    memory = bm.memory_label(args.device)
-    table = [["network", "parameters", "GMACs/patch", "vs nnU-Net", "train step", "vs nnU-Net", memory, "vs nnU-Net"]]
-    for r in rows:
-        table.append([r["network"], f"{r['parameters'] / 1e6:.2f} M", f"{r['macs'] / 1e9:.2f}",
-                      bm.ratio(r["macs"], reference["macs"]), bm.seconds(r["seconds"]),
-                      bm.ratio(r["seconds"], reference["seconds"]), bm.megabytes(r["peak_bytes"]),
-                      bm.ratio(r["peak_bytes"], reference["peak_bytes"])])
-    print(f"{args.dataset} {args.configuration} ({args.plans}): patch {reference['patch_size']}, batch "
-          f"{reference['batch_size']}, {args.device}; forward+backward, median of {args.repeats}")
-    print(_table(table))
-    for note in notes:
+    report = bm.benchmark_networks(names, args.dataset, args.configuration, args.plans, args.device, args.repeats,
+                                   progress=_progress)
+    print(f"{report['dataset']} {args.configuration} ({args.plans}): patch {tuple(report['patch_size'])}, batch "
+          f"{report['batch_size']}, {args.device}; median of {args.repeats}; nnU-Net: its {report['reference']} "
+          "from these plans")
+    print(text_table(bm.network_table(report)))
+    for note in report["notes"]:
         print(note)
+    paths = output_paths(args.output, f"benchmark_{report['dataset']}_{args.plans}_{args.configuration}_{args.device}",
+                         ("csv", "json", "png"))
+    write_csv(paths["csv"], records(report, ("dataset", "configuration", "plans", "device")))
+    write_json(paths["json"], report)
+    bm.network_chart(report, paths["png"])
+    _written(paths)
     return 0
+
+
+def cmd_compare(args) -> int:
+    from nnunet_ext import compare
+    from nnunet_ext.report import output_paths, records, write_csv
+
+    report = compare.compare_trainers(args.dataset, args.configuration, args.trainers, args.baseline, args.plans,
+                                      args.folds)
+    print(f"{report['dataset']} {args.configuration} ({args.plans}): validation Dice per fold (nnU-Net's "
+          f"summary.json); baseline {report['baseline']}")
+    print(text_table(compare.comparison_table(report)))
+    for note in report["notes"]:
+        print(note)
+    paths = output_paths(args.output, f"compare_{report['dataset']}_{args.plans}_{args.configuration}",
+                         ("md", "csv", "png"))
+    paths["md"].write_text(compare.markdown_report(report))
+    write_csv(paths["csv"], records(report, ("dataset", "configuration", "plans", "baseline")))
+    compare.per_case_chart(report, paths["png"])
+    _written(paths)
+    return 0
+
+
+def _written(paths: dict) -> None:
+    print("Written: " + ", ".join(str(p) for p in paths.values()))
+
+
+def _available_device(name: str) -> str:
+    import torch
+
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name not in available:
+        raise argparse.ArgumentTypeError(f"'{name}' is not one of {', '.join(available)}")
+    if not available[name]:
+        raise argparse.ArgumentTypeError(f"{name} is not available to torch {torch.__version__} on this machine; "
+                                         "use --device cpu")
+    return name
 
 
 def _add_device_options(parser: argparse.ArgumentParser) -> None:
     """The options every benchmark command takes."""
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
+    parser.add_argument("--device", default="cpu", type=_available_device, help="cpu (default), cuda or mps")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs; the tables report their median")
+
+
+def _add_dataset_options(parser: argparse.ArgumentParser, required: bool = True, help: str = "name or id") -> None:
+    parser.add_argument("-d", "--dataset", required=required, help=help)
+    parser.add_argument("-c", "--configuration", default="3d_fullres")
+    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+
+
+def _add_output_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", default="nnunet_ext_reports",
+                        help="folder for the files it writes (default: ./nnunet_ext_reports)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,10 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="architectures, trainers, 2D/3D support and optional fast paths")
 
     p = sub.add_parser("doctor", help="check nnU-Net, its variables, trainer discovery, torch and extras")
-    p.add_argument("-d", "--dataset", help="also check that every architecture can be built from this "
-                                           "dataset's plans (name or id)")
-    p.add_argument("-c", "--configuration", default="3d_fullres")
-    p.add_argument("-p", "--plans", default="nnUNetPlans")
+    _add_dataset_options(p, required=False, help="also check that every architecture can be built from this "
+                                                 "dataset's plans (name or id)")
 
     p = sub.add_parser("make-dataset", help="write a tiny synthetic nnU-Net raw dataset")
     p.add_argument("--raw", help="nnU-Net raw folder (default: $nnUNet_raw)")
@@ -309,14 +348,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-label", action="store_true")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("benchmark", help="parameters, MACs, training-step time and peak memory of "
-                                         "architectures vs nnU-Net's own network (and Primus-B on 3D plans), "
-                                         "at a dataset's plans")
-    p.add_argument("-d", "--dataset", required=True)
-    p.add_argument("-c", "--configuration", default="3d_fullres")
-    p.add_argument("-p", "--plans", default="nnUNetPlans")
+    p = sub.add_parser("benchmark", help="parameters, FLOPs, training-step and inference time, peak memory of "
+                                         "architectures vs nnU-Net's own network (and Primus-B on 3D plans), at a "
+                                         "dataset's plans (no preprocessed data needed); prints a table, writes "
+                                         "CSV, JSON and a PNG chart")
+    _add_dataset_options(p)
     p.add_argument("-a", "--architectures", nargs="+", help="registered names (default: all)")
     _add_device_options(p)
+    _add_output_option(p)
+
+    p = sub.add_parser("compare", help="validation Dice of trainers per fold and class from nnUNet_results, "
+                                       "mean ± std over folds, paired Wilcoxon test against a baseline; prints a "
+                                       "table, writes markdown, CSV and a PNG plot")
+    _add_dataset_options(p)
+    p.add_argument("-tr", "--trainers", nargs="+", help="default: every trainer with results for the configuration")
+    p.add_argument("--baseline", help="default: nnUNetTrainer if it has results, else the first trainer")
+    p.add_argument("-f", "--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    _add_output_option(p)
 
     p = sub.add_parser("benchmark-scan", help="selective scan vs a sequential loop and mambapy's pscan, "
                                               "at LKM-UNet's window shapes")
@@ -339,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"env": cmd_env, "list": cmd_list, "doctor": cmd_doctor, "make-dataset": cmd_make_dataset,
-            "demo": cmd_demo, "benchmark": cmd_benchmark, "benchmark-scan": cmd_benchmark_scan,
+            "demo": cmd_demo, "benchmark": cmd_benchmark, "compare": cmd_compare, "benchmark-scan": cmd_benchmark_scan,
             "benchmark-dlka": cmd_benchmark_dlka, "benchmark-kan": cmd_benchmark_kan}
 
 

@@ -30,6 +30,10 @@ def load_configuration(dataset: str | int, configuration: str, plans: str = "nnU
         raise KeyError(f"Configuration '{configuration}' is not in {plans_file.name}; available: "
                        f"{', '.join(manager.available_configurations)}.")
     cm = manager.get_configuration(configuration)
-    dataset_json = json.loads((Path(preprocessed) / name / "dataset.json").read_text())
+    dataset_file = Path(preprocessed) / name / "dataset.json"
+    if not dataset_file.is_file():
+        raise FileNotFoundError(f"No {dataset_file} next to the plans; nnUNetv2_extract_fingerprint -d {dataset} "
+                                "copies it there.")
+    dataset_json = json.loads(dataset_file.read_text())
     return (cm, determine_num_input_channels(manager, cm, dataset_json),
             manager.get_label_manager(dataset_json).num_segmentation_heads)

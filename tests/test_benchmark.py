@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import json
+import math
+import shutil
+
+import pytest
 import torch
 
 from nnunet_ext import benchmark as bm
@@ -26,25 +32,68 @@ def test_scan_benchmark_times_every_implementation():
     assert all(rows[0][k] > 0 for k in ("ours", "loop", "mambapy"))
 
 
-def test_benchmark_command_compares_with_nnunets_network_and_primus(planned):
-    out = cli("benchmark", "-d", "999", "-c", "3d_fullres", "--repeats", "1", env=planned.env())
+def test_benchmark_command_compares_with_nnunets_network_and_primus(planned, tmp_path):
+    out = cli("benchmark", "-d", "999", "-c", "3d_fullres", "--repeats", "1", "-o", str(tmp_path), env=planned.env())
     assert out.returncode == 0, out.stderr
+    assert "[7/7] vit_hybrid" in out.stderr  # progress
     lines = out.stdout.splitlines()
-    assert "patch (" in lines[0] and "batch 2" in lines[0]
-    assert lines[1].split()[:6] == ["network", "parameters", "GMACs/patch", "vs", "nnU-Net", "train"]
-    rows = {line.split()[0]: line.split() for line in lines[3:]}
-    assert set(rows) == {"nnU-Net", "Primus-B", *ARCHITECTURES}  # the tiny 3d plans' patch divides by 8
-    assert rows["nnU-Net"][4] == rows["nnU-Net"][7] == "1.00x"  # the reference row's MACs and time ratios
-    assert all(float(r[3]) > 0 for r in rows.values())
+    assert "patch (" in lines[0] and "batch 2" in lines[0] and "its PlainConvUNet" in lines[0]
+    assert lines[1].split()[:4] == ["network", "parameters", "vs", "nnU-Net"]
+    names = ["nnU-Net", "Primus-B", *ARCHITECTURES]  # the tiny 3d plans' patch divides by 8
+    assert [line.split()[0] for line in lines[3:3 + len(names)]] == names
+    assert lines[3].count("1.00x") == len(bm.NETWORK_FIGURES)
+
+    stem = tmp_path / f"benchmark_{planned.dataset}_nnUNetPlans_3d_fullres_cpu"
+    report = json.loads(stem.with_suffix(".json").read_text())
+    assert [r["network"] for r in report["rows"]] == names
+    reference = report["rows"][0]
+    for r in report["rows"]:
+        for key in bm.NETWORK_FIGURES:
+            assert r[key] > 0 and r[f"{key}_vs_nnunet"] == pytest.approx(r[key] / reference[key])
+    written = list(csv.DictReader(open(stem.with_suffix(".csv"))))
+    assert [(w["network"], float(w["train_seconds"])) for w in written] == \
+        [(r["network"], r["train_seconds"]) for r in report["rows"]]
+    assert stem.with_suffix(".png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert "architecture 'nope'" in cli("benchmark", "-d", "999", "-a", "nope", env=planned.env()).stderr
 
 
-def test_benchmark_leaves_primus_out_of_2d_plans_and_says_why(planned):
-    out = cli("benchmark", "-d", "999", "-c", "2d", "-a", "vit_hybrid", "--repeats", "1", env=planned.env())
+def test_benchmark_needs_only_the_plans_and_leaves_primus_out_of_2d(planned, tmp_path):
+    plans_only = tmp_path / "preprocessed" / planned.dataset
+    plans_only.mkdir(parents=True)
+    for name in ("nnUNetPlans.json", "dataset.json"):
+        shutil.copy(planned.preprocessed / planned.dataset / name, plans_only)
+    env = {**planned.env(), "nnUNet_preprocessed": str(tmp_path / "preprocessed")}
+    out = cli("benchmark", "-d", "999", "-c", "2d", "-a", "vit_hybrid", "--repeats", "1", "-o", str(tmp_path), env=env)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert [line.split()[0] for line in lines[3:-1]] == ["nnU-Net", "vit_hybrid"]
-    assert lines[-1] == "Primus-B left out: Primus is 3D only."
+    assert [line.split()[0] for line in lines[3:-2]] == ["nnU-Net", "vit_hybrid"]
+    assert lines[-2] == "Primus-B left out: Primus is 3D only."
+    assert lines[-1].startswith("Written: ")
+
+
+def test_flop_count_is_two_per_multiply_accumulate_of_every_convolution():
+    """forward_flops against a count from the layers' shapes (forward hooks) on nnU-Net's U-Net."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    net = PlainConvUNet(2, 3, (4, 8, 16), torch.nn.Conv3d, 3, (1, 2, 2), (1, 1, 1), 3, (1, 1), conv_bias=True,
+                        deep_supervision=True)
+    x = torch.randn(1, 2, 8, 12, 16)
+    expected = []
+
+    def count(module, inputs, output):
+        kernel = math.prod(module.kernel_size)
+        if isinstance(module, torch.nn.ConvTranspose3d):  # every input voxel scatters into a kernel
+            expected.append(2 * inputs[0].numel() * module.out_channels // module.groups * kernel)
+        else:
+            expected.append(2 * output.numel() * module.in_channels // module.groups * kernel)
+
+    for m in net.modules():
+        if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)):
+            m.register_forward_hook(count)
+    with torch.no_grad():
+        net(x)
+    from_shapes = sum(expected)  # before forward_flops runs the hooks again
+    assert bm.forward_flops(net, x) == from_shapes
 
 
 def test_deform_conv_benchmark_measures_every_implementation():
@@ -87,3 +136,12 @@ def test_benchmark_kan_command_prints_every_implementation(monkeypatch, capsys):
     rows = [line.split() for line in out[3:]]
     assert [r[:2] for r in rows] == [["tiny", "16x4"], ["tiny", "wide"]]
     assert all(r.count("MB") == 3 and sum(v.endswith("x") for v in r) == 2 for r in rows)
+
+
+def test_benchmark_commands_refuse_a_device_torch_cannot_use(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as stopped:
+        main(["benchmark", "-d", "999", "--device", "cuda"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "cuda is not available to torch" in err and "use --device cpu" in err
