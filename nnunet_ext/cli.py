@@ -230,7 +230,8 @@ def cmd_benchmark_dlka(args) -> int:
     rows = bm.benchmark_deform_conv(bm.DEFORM_SHAPES, args.repeats, args.device, progress=_progress)
     print(f"Deformable convolution, forward+backward, float32, {args.device} (median of {args.repeats}; "
           "torchvision: 2D only)")
-    print(text_table(_implementation_table(rows, "deformable convolution", ("ours", "unfused", "torchvision"), args.device)))
+    print(text_table(_implementation_table(rows, "deformable convolution", ("ours", "unfused", "torchvision"),
+                                           args.device)))
 
     _progress("  D-LKA Net at the paper's Synapse configuration ...")
     table = [["D-LKA Net, Synapse 64x128x128", "parameters", "vs paper", "GMACs", "GMACs without deformable convs",

@@ -85,9 +85,9 @@ def _nanmean(values) -> float:
     return statistics.fmean(defined) if defined else math.nan
 
 
-def case_overall(dice: dict[str, float]) -> float:
-    """A case's mean over the classes whose Dice is defined for it."""
-    return _nanmean(dice.values())
+def case_dice(dice: dict[str, float], c: str) -> float:
+    """A case's Dice for class `c`, or for OVERALL its mean over the classes defined for it (NaN if none)."""
+    return _nanmean(dice.values()) if c == OVERALL else dice.get(c, math.nan)
 
 
 def fold_means(cases: dict[str, dict[str, float]], classes: list[str]) -> dict[str, float]:
@@ -117,8 +117,7 @@ def paired(results: TrainerResults, baseline: TrainerResults, classes: list[str]
     common = sorted(set(ours) & set(theirs))
     comparison = {}
     for c in [*classes, OVERALL]:
-        value = case_overall if c == OVERALL else (lambda dice, c=c: dice.get(c, math.nan))
-        pairs = [(value(ours[k]), value(theirs[k])) for k in common]
+        pairs = [(case_dice(ours[k], c), case_dice(theirs[k], c)) for k in common]
         differences = [a - b for a, b in pairs if not (math.isnan(a) or math.isnan(b))]
         comparison[c] = {"pairs": len(differences),
                          "mean_difference": statistics.fmean(differences) if differences else math.nan,
@@ -160,15 +159,14 @@ def compare_trainers(dataset, configuration: str, trainers=None, baseline: str |
     for r in with_results:
         per_fold = {fold: fold_means(cases, classes) for fold, cases in r.folds.items()}
         comparison = paired(r, by_name[baseline], classes) if r.trainer != baseline else {}
-        all_cases = r.cases()
+        all_cases = r.cases().values()
         for c in [*classes, OVERALL]:
-            means = [per_fold[fold][c] for fold in sorted(per_fold)]
-            defined = [v for v in (case_overall(d) if c == OVERALL else d.get(c, math.nan) for d in all_cases.values())
-                       if not math.isnan(v)]
-            rows.append({"trainer": r.trainer, "class": c, **{f"fold_{f}": per_fold[f][c] if f in per_fold else None for f in folds},
-                         "mean": _nanmean(means),
-                         "std": statistics.stdev(means) if len(means) > 1 else math.nan,
-                         "folds": len(means), "cases": len(defined),
+            means = [m for m in (per_fold[f][c] for f in sorted(per_fold)) if not math.isnan(m)]
+            rows.append({"trainer": r.trainer, "class": c,
+                         **{f"fold_{f}": per_fold[f][c] if f in per_fold else None for f in folds},
+                         "mean": statistics.fmean(means) if means else math.nan,
+                         "std": statistics.stdev(means) if len(means) > 1 else math.nan, "folds": len(per_fold),
+                         "cases": sum(not math.isnan(case_dice(d, c)) for d in all_cases),
                          **{f"{k}_vs_baseline": v for k, v in comparison.get(c, {}).items()}})
     return {"dataset": dataset_folder.name, "configuration": configuration, "plans": plans, "folds": list(folds),
             "baseline": baseline, "trainers": [r.trainer for r in with_results], "classes": classes, "rows": rows,
@@ -225,7 +223,7 @@ def per_case_chart(report: dict, path) -> None:
     for ax, c in zip(axes[0], panels):
         values = []
         for t in trainers:
-            dice = (case_overall(d) if c == OVERALL else d.get(c, math.nan) for d in report["per_case"][t].values())
+            dice = (case_dice(d, c) for d in report["per_case"][t].values())
             values.append([v for v in dice if not math.isnan(v)])
         ax.boxplot(values, positions=list(positions), orientation="horizontal", showfliers=False, widths=0.6)
         for i, v in zip(positions, values):

@@ -35,6 +35,29 @@ class nnUNetExtTrainer(nnUNetTrainer):
             Topology.from_plans(configuration_manager), num_input_channels, num_output_channels,
             deep_supervision=enable_deep_supervision)
 
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """nnU-Net's, after checking that the checkpoint holds this network. `--c` and `--val` load the
+        fold folder's checkpoint; one another trainer wrote (a copied file, a renamed folder) would
+        otherwise fail inside load_state_dict with every mismatching key. The file is left as it is."""
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = (torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
+                      if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint)
+        network = getattr(self.network, "module", self.network)  # DDP
+        ours = getattr(network, "_orig_mod", network).state_dict()  # torch.compile
+        theirs = {k.removeprefix("module."): v for k, v in checkpoint["network_weights"].items()}
+        wrong = [k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape]
+        if wrong or set(theirs) - set(ours):
+            source = checkpoint.get("trainer_name", "an unknown trainer")
+            raise RuntimeError(
+                f"{filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else 'The checkpoint'} was "
+                f"written by {source} and does not hold {type(self).__name__}'s network ({self.architecture} on "
+                f"these plans): {len(wrong)} of its {len(ours)} tensors are missing or shaped differently (first: "
+                f"{wrong[0] if wrong else '-'}), and {len(set(theirs) - set(ours))} are not part of it. The file "
+                f"is unchanged. Continue or validate it with -tr {source} (and its plans), or train "
+                f"{type(self).__name__} from scratch in a fold folder of its own.")
+        super().load_checkpoint(filename_or_checkpoint)
+
 
 class nnUNetTrainerAttentionUNet(nnUNetExtTrainer):
     architecture = "attention_unet"

@@ -4,6 +4,7 @@ end-to-end rotation (docs/testing.md)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -76,6 +77,28 @@ def planned(tmp_path_factory):
            "--verify_dataset_integrity")
     ws.run("nnUNetv2_plan_experiment", "-d", "999", "-pl", "nnUNetPlannerResEncM")
     ws.dataset = "Dataset999_Tiny"
+    return ws
+
+
+CROSS_VALIDATED = ("nnUNetTrainerAttentionUNet_debug", "nnUNetTrainerUKAN_debug")
+CROSS_VALIDATION_CONFIGURATION = "3d_fullres"
+
+
+@pytest.fixture(scope="session")
+def cross_validated(planned, tmp_path_factory):
+    """A copy of the tiny planned dataset on which the first of CROSS_VALIDATED trained folds 0 and 1
+    and the second fold 0 only (about three minutes on two CPU cores): real results folders for
+    `nnunet-ext compare` and real checkpoints of two architectures. A workspace of its own, so no
+    other test's training touches it."""
+    from nnunet_ext.pipeline import Workspace
+
+    ws = Workspace(tmp_path_factory.mktemp("cross_validated"))
+    for folder in ("raw", "preprocessed"):
+        shutil.copytree(getattr(planned, folder) / planned.dataset, getattr(ws, folder) / planned.dataset)
+    ws.dataset = planned.dataset
+    first, second = CROSS_VALIDATED
+    for trainer, fold in ((first, 0), (first, 1), (second, 0)):
+        ws.run("nnUNetv2_train", "999", CROSS_VALIDATION_CONFIGURATION, str(fold), "-tr", trainer, "-device", "cpu")
     return ws
 
 

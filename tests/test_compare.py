@@ -18,23 +18,9 @@ from test_cli import cli
 
 pytestmark = pytest.mark.e2e
 
-A, B = "nnUNetTrainerAttentionUNet_debug", "nnUNetTrainerUKAN_debug"
-CONFIGURATION = "3d_fullres"
+from conftest import CROSS_VALIDATED, CROSS_VALIDATION_CONFIGURATION as CONFIGURATION
 
-
-@pytest.fixture(scope="module")
-def cross_validated(planned, tmp_path_factory):
-    """A copy of the tiny planned dataset on which A trained folds 0 and 1 and B fold 0 only (about
-    three minutes on two CPU cores). A workspace of its own, so no other test's training touches it."""
-    from nnunet_ext.pipeline import Workspace
-
-    ws = Workspace(tmp_path_factory.mktemp("compare"))
-    for folder in ("raw", "preprocessed"):
-        shutil.copytree(getattr(planned, folder) / planned.dataset, getattr(ws, folder) / planned.dataset)
-    ws.dataset = planned.dataset
-    for trainer, fold in ((A, 0), (A, 1), (B, 0)):
-        ws.run("nnUNetv2_train", "999", CONFIGURATION, str(fold), "-tr", trainer, "-device", "cpu")
-    return ws
+A, B = CROSS_VALIDATED
 
 
 def summary(ws, trainer, fold, results=None) -> dict:
@@ -73,7 +59,8 @@ def test_compare_reports_nnunets_fold_means_and_a_paired_test(cross_validated, t
             s = summary(ws, trainer, fold)
             for c in ("1", "2"):
                 assert float(rows[trainer, c][f"fold_{fold}"]) == pytest.approx(s["mean"][c]["Dice"], abs=1e-12)
-            assert float(rows[trainer, "mean"][f"fold_{fold}"]) == pytest.approx(s["foreground_mean"]["Dice"], abs=1e-12)
+            foreground_mean = s["foreground_mean"]["Dice"]
+            assert float(rows[trainer, "mean"][f"fold_{fold}"]) == pytest.approx(foreground_mean, abs=1e-12)
     # Across folds: the mean and sample standard deviation of the fold means; one fold has no spread.
     fold_means = [summary(ws, A, f)["foreground_mean"]["Dice"] for f in (0, 1)]
     assert float(rows[A, "mean"]["mean"]) == pytest.approx(np.mean(fold_means))

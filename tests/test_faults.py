@@ -1,0 +1,82 @@
+"""Faults users run into, through the stock commands: each ends with a message that says what to do,
+and nothing is lost."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import shutil
+
+import pytest
+
+from conftest import CROSS_VALIDATED, CROSS_VALIDATION_CONFIGURATION as CONFIGURATION
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.mark.parametrize("command", ["--c", "--val"])
+def test_a_checkpoint_of_another_architecture_is_refused_and_kept(cross_validated, command):
+    """A fold folder holding another trainer's checkpoint (copied in by hand): `--c` and `--val`
+    stop before loading it, name both trainers and the fix, and leave the file as it was."""
+    ws = cross_validated
+    written_by, loaded_by = CROSS_VALIDATED
+    source = ws.fold_dir(ws.dataset, written_by, CONFIGURATION, 0) / "checkpoint_final.pth"
+    fold = 4 if command == "--c" else 3
+    target = ws.fold_dir(ws.dataset, loaded_by, CONFIGURATION, fold)
+    target.mkdir(parents=True)
+    copied = target / ("checkpoint_latest.pth" if command == "--c" else "checkpoint_final.pth")
+    shutil.copy(source, copied)
+    try:
+        with pytest.raises(RuntimeError) as failed:
+            ws.run("nnUNetv2_train", "999", CONFIGURATION, str(fold), "-tr", loaded_by, "-device", "cpu", command)
+        message = str(failed.value)  # the tail of the command's output
+        assert f"was written by {written_by} and does not hold {loaded_by}'s network (ukan on these plans)" in message
+        assert f"Continue or validate it with -tr {written_by}" in message and "The file is unchanged." in message
+        assert filecmp.cmp(source, copied, shallow=False)
+        assert sorted(p.name for p in target.iterdir() if p.suffix == ".pth") == [copied.name]
+    finally:
+        shutil.rmtree(target)  # the other tests see the results folders as trained
+
+
+def test_pretrained_weights_of_another_architecture_are_refused(cross_validated):
+    """`-pretrained_weights` goes through nnU-Net's own loader, whose check names the first missing
+    tensor; no training starts and the source checkpoint is untouched."""
+    ws = cross_validated
+    written_by, loaded_by = CROSS_VALIDATED
+    source = ws.fold_dir(ws.dataset, written_by, CONFIGURATION, 0) / "checkpoint_final.pth"
+    before = source.read_bytes()
+    target = ws.fold_dir(ws.dataset, loaded_by, CONFIGURATION, 2)
+    try:
+        with pytest.raises(RuntimeError) as failed:
+            ws.run("nnUNetv2_train", "999", CONFIGURATION, "2", "-tr", loaded_by, "-device", "cpu",
+                   "-pretrained_weights", source)
+        assert "The pretrained weights do not seem to be compatible with your network" in str(failed.value)
+        assert source.read_bytes() == before
+        assert not list(target.glob("checkpoint_*.pth"))
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def test_plans_an_architecture_cannot_take_stop_training_at_once(cross_validated):
+    """Plans of a network that is not a U-Net (here nnU-Net's Primus, under a plans name of its own that
+    reuses the preprocessed data): the stock train command stops while building the network, with
+    the reason and the plans to use instead, before any checkpoint is written."""
+    ws = cross_validated
+    _, trainer = CROSS_VALIDATED
+    folder = ws.preprocessed / ws.dataset
+    plans = json.loads((folder / "nnUNetPlans.json").read_text())
+    plans["plans_name"] = "nnUNetPlans_primus"
+    architecture = plans["configurations"][CONFIGURATION]["architecture"]
+    architecture.update(network_class_name="dynamic_network_architectures.architectures.primus.Primus",
+                        arch_kwargs={"embed_dim": 864, "patch_embed_size": [8, 8, 8]}, _kw_requires_import=[])
+    (folder / "nnUNetPlans_primus.json").write_text(json.dumps(plans))
+    try:
+        with pytest.raises(RuntimeError) as failed:
+            ws.run("nnUNetv2_train", "999", CONFIGURATION, "0", "-tr", trainer, "-device", "cpu",
+                   "-p", "nnUNetPlans_primus")
+        message = str(failed.value)
+        assert "Primus' is not a U-Net" in message and "nnUNetPlans, nnUNetResEncUNet*Plans" in message
+        assert not list(ws.fold_dir(ws.dataset, trainer, CONFIGURATION, 0, "nnUNetPlans_primus").glob("*.pth"))
+    finally:
+        (folder / "nnUNetPlans_primus.json").unlink()
+        shutil.rmtree(ws.results / ws.dataset / f"{trainer}__nnUNetPlans_primus__{CONFIGURATION}", ignore_errors=True)
