@@ -11,7 +11,8 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 # nnunetv2 pulls torch (the registry build, which runs on CPU too) and torchvision; see README "Installing".
-.venv/bin/python -m pip install --quiet -e ".[test,bench]"
+# torch's CUDA wheels are hundreds of MB: resume interrupted downloads rather than fail.
+.venv/bin/python -m pip install --quiet --retries 10 --resume-retries 20 -e ".[test,bench]"
 # The tests compare our Mamba with the real mamba_ssm: fetch its source once (not built; CPU-only).
 (cd tests && ../.venv/bin/python -c 'import mamba_ssm_reference as r; r.fetch()')
 .venv/bin/nnunet-ext list
