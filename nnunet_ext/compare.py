@@ -11,6 +11,7 @@ each case's mean over its defined classes. Its p-value is scipy's two-sided Wilc
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -41,8 +42,6 @@ def _dice(value) -> float:
 def read_summary(path: Path) -> dict[str, dict[str, float]]:
     """case -> class -> Dice from one of nnU-Net's validation summaries. Cases are named by the
     reference file, which is the same for every trainer on the dataset."""
-    import json
-
     summary = json.loads(path.read_text())
     return {Path(c["reference_file"]).name: {k: _dice(m["Dice"]) for k, m in c["metrics"].items()}
             for c in summary["metric_per_case"]}
@@ -92,7 +91,7 @@ def case_dice(dice: dict[str, float], c: str) -> float:
 
 def fold_means(cases: dict[str, dict[str, float]], classes: list[str]) -> dict[str, float]:
     """nnU-Net's figures for one fold: per class the mean over cases ignoring NaN, and their mean."""
-    means = {c: _nanmean(dice[c] for dice in cases.values() if c in dice) for c in classes}
+    means = {c: _nanmean(case_dice(dice, c) for dice in cases.values()) for c in classes}
     means[OVERALL] = statistics.fmean(means.values())
     return means
 

@@ -41,22 +41,26 @@ class nnUNetExtTrainer(nnUNetTrainer):
         otherwise fail inside load_state_dict with every mismatching key. The file is left as it is."""
         if not self.was_initialized:
             self.initialize()
-        checkpoint = (torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
-                      if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint)
+        if isinstance(filename_or_checkpoint, str):  # nnU-Net's own method takes nothing else
+            self._check_checkpoint(filename_or_checkpoint)
+        super().load_checkpoint(filename_or_checkpoint)
+
+    def _check_checkpoint(self, filename: str) -> None:
+        # Memory-mapped: only the tensors' shapes are read here, nnU-Net reads the data afterwards.
+        checkpoint = torch.load(filename, map_location="cpu", weights_only=False, mmap=True)
         network = getattr(self.network, "module", self.network)  # DDP
         ours = getattr(network, "_orig_mod", network).state_dict()  # torch.compile
         theirs = {k.removeprefix("module."): v for k, v in checkpoint["network_weights"].items()}
         wrong = [k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape]
-        if wrong or set(theirs) - set(ours):
+        extra = set(theirs) - set(ours)
+        if wrong or extra:
             source = checkpoint.get("trainer_name", "an unknown trainer")
             raise RuntimeError(
-                f"{filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else 'The checkpoint'} was "
-                f"written by {source} and does not hold {type(self).__name__}'s network ({self.architecture} on "
-                f"these plans): {len(wrong)} of its {len(ours)} tensors are missing or shaped differently (first: "
-                f"{wrong[0] if wrong else '-'}), and {len(set(theirs) - set(ours))} are not part of it. The file "
-                f"is unchanged. Continue or validate it with -tr {source} (and its plans), or train "
+                f"{filename} was written by {source} and does not hold {type(self).__name__}'s network "
+                f"({self.architecture} on these plans): {len(wrong)} of its {len(ours)} tensors are missing or "
+                f"shaped differently (first: {wrong[0] if wrong else '-'}), and {len(extra)} are not part of it. "
+                f"The file is unchanged. Continue or validate it with -tr {source} (and its plans), or train "
                 f"{type(self).__name__} from scratch in a fold folder of its own.")
-        super().load_checkpoint(filename_or_checkpoint)
 
 
 class nnUNetTrainerAttentionUNet(nnUNetExtTrainer):
