@@ -291,6 +291,66 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from nnunet_ext.planning import plan
+    from nnunet_ext.registry import get_architecture
+
+    arch = get_architecture(args.architecture)
+    _progress(f"  planning {args.dataset} for {arch.name} within {args.gpu_memory:g} GB ...")
+    summary = plan(args.dataset, arch, args.gpu_memory, args.configurations)
+    print(f"{summary['dataset']}: plans {summary['plans']} for {arch.name}, GPU memory target "
+          f"{args.gpu_memory:g} GB (nnU-Net's estimate scaled by {arch.name}'s memory model)")
+    table = [["configuration", "patch", "batch", "estimated GPU memory", "nnU-Net's patch", "nnU-Net's batch",
+              "preprocessed data"]]
+    missing = []
+    for c, r in summary["configurations"].items():
+        default = "x".join(map(str, r["default_patch_size"])) if r["default_patch_size"] else "-"
+        data = f"{r['reused_data']} (nnU-Net's)" if r["reused_data"] else "its own"
+        if not r["preprocessed"]:
+            missing.append(c)
+            data += ", not preprocessed yet"
+        table.append([c, "x".join(map(str, r["patch_size"])), str(r["batch_size"]), f"{r['estimated_gb']:.3g} GB",
+                      default, str(r["default_batch_size"] or "-"), data])
+    print(text_table(table))
+    print(f"Written: {summary['file']}")
+    if missing:
+        print(f"Preprocess first: nnUNetv2_preprocess -d {args.dataset} -plans_name {summary['plans']} -c "
+              + " ".join(missing))
+    configurations = summary["configurations"]
+    first = "3d_fullres" if "3d_fullres" in configurations else next(iter(configurations))
+    print(f"Train: nnUNetv2_train {args.dataset} {first} 0 -tr {arch.trainer} -p {summary['plans']}")
+    return 0
+
+
+def cmd_benchmark_memory(args) -> int:
+    from nnunet_ext import benchmark as bm
+    from nnunet_ext.memory import benchmark_memory
+    from nnunet_ext.registry import get_architecture
+
+    names = [get_architecture(a).name for a in (args.architectures or ARCHITECTURES)]
+    report = benchmark_memory(names, args.dims, args.fit, progress=_progress)
+    tolerance = report["tolerance"]
+    print("Training peak (forward with deep supervision + backward, batch 2, float32, CPU; bytes of the tensors "
+          f"allocated during the step) against the {'model fitted here' if args.fit else 'registered models'}")
+    table = [["network", "patch", "patch used for", "units", "extra elements", "parameters", "measured", "estimate",
+              "error"]]
+    for r in report["rows"]:
+        f = r["footprint"]
+        flag = "" if r["kind"] == "fit" or abs(r["error"]) <= tolerance else f" (over {tolerance:.0%})"
+        table.append([r["network"], "x".join(map(str, r["patch_size"])), r["kind"], f"{f.units / 1e6:.1f} M",
+                      f"{f.extra_elements / 1e6:.1f} M", f"{f.parameters / 1e6:.1f} M",
+                      bm.megabytes(r["peak_bytes"]), bm.megabytes(r["estimate_bytes"]), f"{r['error']:+.1%}{flag}"])
+    print(text_table(table))
+    checks = [abs(r["error"]) for r in report["rows"] if r["kind"] == "check"]
+    print(f"Largest error on the check patches (never fitted on): {max(checks):.1%}; tolerance {tolerance:.0%}.")
+    if args.fit:
+        print("Fitted models (per_unit, per_extra, per_parameter), for nnunet_ext/registry.py and "
+              "nnunet_ext/memory.py:")
+        for (name, dim), m in report["models"].items():
+            print(f"  {name} {dim}D: MemoryModel({m.per_unit:.4g}, {m.per_extra:.4g}, {m.per_parameter:.4g})")
+    return 0
+
+
 def _written(paths: dict) -> None:
     print("Written: " + ", ".join(str(p) for p in paths.values()))
 
@@ -367,6 +427,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     _add_output_option(p)
 
+    p = sub.add_parser("plan", help="plan patch and batch size for one architecture within a GPU memory target: "
+                                    "nnU-Net's planner with the architecture's memory model; writes "
+                                    "nnUNetPlans_<Arch>_<GB>G.json next to nnU-Net's plans, for nnUNetv2_train -p")
+    p.add_argument("-d", "--dataset", required=True, help="name or id (its fingerprint must exist)")
+    p.add_argument("-a", "--architecture", required=True, help="registered name (nnunet-ext list)")
+    p.add_argument("--gpu-memory", type=float, default=8.0, help="GB of GPU memory to plan for (default: 8, "
+                                                                  "nnU-Net's default)")
+    p.add_argument("-c", "--configurations", nargs="+", help="configurations to write (default: all nnU-Net plans)")
+
+    p = sub.add_parser("benchmark-memory", help="measured training memory of every architecture and PlainConvUNet "
+                                                "at the patches the memory models are fitted on and at others, "
+                                                "against the models' estimates")
+    p.add_argument("-a", "--architectures", nargs="+", help="registered names (default: all)")
+    p.add_argument("--dims", type=int, nargs="+", choices=(2, 3), default=[2, 3])
+    p.add_argument("--fit", action="store_true", help="fit the models on these measurements instead of using the "
+                                                      "registered ones, and print them")
+
     p = sub.add_parser("benchmark-scan", help="selective scan vs a sequential loop and mambapy's pscan, "
                                               "at LKM-UNet's window shapes")
     _add_device_options(p)
@@ -389,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"env": cmd_env, "list": cmd_list, "doctor": cmd_doctor, "make-dataset": cmd_make_dataset,
             "demo": cmd_demo, "benchmark": cmd_benchmark, "compare": cmd_compare, "benchmark-scan": cmd_benchmark_scan,
-            "benchmark-dlka": cmd_benchmark_dlka, "benchmark-kan": cmd_benchmark_kan}
+            "benchmark-dlka": cmd_benchmark_dlka, "benchmark-kan": cmd_benchmark_kan, "plan": cmd_plan,
+            "benchmark-memory": cmd_benchmark_memory}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from nnunet_ext.memory import MemoryModel
 from nnunet_ext.topology import PlansError, Topology
 
 
@@ -45,6 +46,9 @@ class Architecture:
     reference: str
     options: Mapping[str, Any] = field(default_factory=dict)
     fast_paths: tuple[FastPath, ...] = ()
+    # Training memory per dimension, fitted by `nnunet-ext benchmark-memory --fit` (nnunet_ext.memory);
+    # the planner sizes patch and batch with it.
+    memory: Mapping[int, MemoryModel] = field(default_factory=dict)
 
     def network_class(self) -> type:
         module, cls = self.network.split(":")
@@ -93,6 +97,7 @@ register(Architecture(
             "self-attention at the low-resolution stages",
     reference="Oktay et al., Attention U-Net, MIDL 2018; seed 002 (self-attention)",
     options={"self_attention_max_tokens": 4096, "attention_gates": True},
+    memory={2: MemoryModel(8.455, 10.78, 0.0), 3: MemoryModel(9.196, 9.600, 1.709)},
 ))
 
 register(Architecture(
@@ -106,6 +111,7 @@ register(Architecture(
     options={"window_sizes": None, "window_layout": "contiguous", "d_state": 16, "d_conv": 4, "expand": 2,
              "pixel_mamba": True, "patch_mamba": True, "bidirectional": True},
     fast_paths=(FastPath("mamba-ssm CUDA selective scan", ("mamba_ssm",)),),
+    memory={2: MemoryModel(57.47, 0.0, 3.821), 3: MemoryModel(88.11, 0.0, 0.0)},
 ))
 
 register(Architecture(
@@ -118,6 +124,7 @@ register(Architecture(
     reference="Azad et al., Beyond Self-Attention: Deformable Large Kernel Attention, WACV 2024; seed 001",
     options={"encoder_blocks": None, "bottleneck_blocks": None, "decoder_blocks": None, "dlka_from_stride": 4,
              "deformable": None, "position_embedding": False, "layer_scale": 1e-6},
+    memory={2: MemoryModel(12.41, 0.0, 2.324), 3: MemoryModel(14.02, 0.0, 0.9472)},
 ))
 
 register(Architecture(
@@ -131,6 +138,7 @@ register(Architecture(
               "AAAI 2025; seed 000",
     options={"token_mixer": "kan", "token_shift": True, "kan_conv": False, "depth": 1, "drop_path_rate": 0.0,
              "grid_size": 5, "spline_order": 3},
+    memory={2: MemoryModel(8.060, 8.311, 3.224), 3: MemoryModel(8.767, 9.153, 2.525)},
 ))
 
 register(Architecture(
@@ -145,4 +153,5 @@ register(Architecture(
               "2021; seed 003",
     options={"transformer_stages": None, "depth": 12, "width": 384, "heads": 6, "mlp_ratio": 4.0,
              "drop_path_rate": 0.1},
+    memory={2: MemoryModel(0.7327, 22.22, 6.876), 3: MemoryModel(9.603, 18.87, 4.166)},
 ))

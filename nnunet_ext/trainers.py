@@ -35,6 +35,26 @@ class nnUNetExtTrainer(nnUNetTrainer):
             Topology.from_plans(configuration_manager), num_input_channels, num_output_channels,
             deep_supervision=enable_deep_supervision)
 
+    def train_step(self, batch: dict) -> dict:
+        try:
+            return super().train_step(batch)
+        except torch.OutOfMemoryError as error:
+            raise torch.OutOfMemoryError(self.out_of_memory_hint()) from error
+
+    def out_of_memory_hint(self) -> str:
+        """What to do when a training step does not fit: plans sized for this architecture and GPU."""
+        from nnunet_ext.planning import plans_name
+
+        arch, cm = get_architecture(self.architecture), self.configuration_manager
+        gpu = (math.floor(torch.cuda.get_device_properties(self.device).total_memory / 2 ** 30)
+               if self.device.type == "cuda" else None)
+        return (f"{arch.name} ran out of {self.device.type} memory training a batch of {cm.batch_size} patches of "
+                f"{list(cm.patch_size)} ({self.plans_manager.plans_name}, {self.configuration_name}). Plan patch and "
+                f"batch size for this GPU: nnunet-ext plan -d {self.plans_manager.dataset_name} -a {arch.name} "
+                f"--gpu-memory {gpu or '<GB of your GPU>'} -c {self.configuration_name}, then train with -p "
+                f"{plans_name(arch, gpu) if gpu else 'the plans name it prints'}. Checkpoints already in the fold "
+                "folder are unchanged.")
+
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's, after checking that the checkpoint holds this network. `--c` and `--val` load the
         fold folder's checkpoint; one another trainer wrote (a copied file, a renamed folder) would

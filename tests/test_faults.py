@@ -6,6 +6,8 @@ from __future__ import annotations
 import filecmp
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -80,3 +82,33 @@ def test_plans_an_architecture_cannot_take_stop_training_at_once(cross_validated
     finally:
         (folder / "nnUNetPlans_primus.json").unlink()
         shutil.rmtree(ws.results / ws.dataset / f"{trainer}__nnUNetPlans_primus__{CONFIGURATION}", ignore_errors=True)
+
+
+OUT_OF_MEMORY = """
+import json, os, sys, torch
+from nnunet_ext.trainers import nnUNetTrainerLKMUNet
+folder = sys.argv[1]
+plans = {**json.load(open(os.path.join(folder, "nnUNetPlans.json"))), "continue_training": False}  # as run_training
+trainer = nnUNetTrainerLKMUNet(plans, "3d_fullres", 0, json.load(open(os.path.join(folder, "dataset.json"))),
+                               device=torch.device("cpu"))
+trainer.initialize()
+def out_of_memory(x):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+trainer.network.forward = out_of_memory
+cm = trainer.configuration_manager
+trainer.train_step({"data": torch.zeros(cm.batch_size, 1, *cm.patch_size), "target": torch.zeros(1)})
+"""
+
+
+def test_out_of_memory_in_a_training_step_says_how_to_plan_for_the_gpu(planned):
+    """A CUDA out-of-memory cannot be provoked on CPU: the network raises torch's OutOfMemoryError as
+    the CUDA allocator does, inside nnU-Net's own training step (in a process of its own: nnU-Net
+    reads its path variables at import)."""
+    folder = planned.preprocessed / planned.dataset
+    out = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY, str(folder)], env=planned.env(), text=True,
+                         capture_output=True)
+    plans = json.loads((folder / "nnUNetPlans.json").read_text())["configurations"]["3d_fullres"]
+    assert out.returncode != 0 and "torch.OutOfMemoryError: lkm_unet ran out of cpu memory training a batch of " \
+        f"{plans['batch_size']} patches of {plans['patch_size']} (nnUNetPlans, 3d_fullres)" in out.stderr
+    assert "nnunet-ext plan -d Dataset999_Tiny -a lkm_unet --gpu-memory <GB of your GPU> -c 3d_fullres" in out.stderr
+    assert "Tried to allocate 2.00 GiB" in out.stderr  # the original error stays in the traceback

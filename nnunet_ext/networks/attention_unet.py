@@ -63,6 +63,8 @@ class AttentionUNet(SegmentationNetwork):
         self.self_attention = nn.ModuleDict({
             str(s): NonLocalSelfAttention(topology.conv_op, topology.features_per_stage[s])
             for s in self.self_attention_stages})
+        sizes = topology.feature_map_sizes()
+        self.extra_elements = sum(math.prod(sizes[s]) ** 2 for s in self.self_attention_stages)
         self.decoder = AttentionUNetDecoder(self.encoder, num_classes, list(topology.n_conv_per_stage_decoder),
                                             deep_supervision, attention_gates)
         self.initialize()

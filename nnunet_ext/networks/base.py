@@ -57,6 +57,11 @@ class SegmentationNetwork(nn.Module):
     output is cropped back, so any input size works (nnU-Net's patches always divide already).
     """
 
+    # Activation elements per sample at the plans' patch that nnU-Net's U-Net has no counterpart for
+    # and that do not grow like its feature maps: attention matrices (heads x queries x keys, square in
+    # the patch), KAN spline bases. nnunet_ext.memory's model fits a cost per element to each network.
+    extra_elements: int = 0
+
     def __init__(self, topology: Topology):
         super().__init__()
         self.total_stride = topology.total_stride

@@ -10,6 +10,8 @@ work and every decoder stage has a head. docs/ukan.md lists every deviation.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -98,6 +100,10 @@ class UKAN(SegmentationNetwork):
             for s in range(n - 1)]
         self.decoder = AdditiveSkipDecoder(topology, num_classes, deep_supervision, decoder_stages)
         self.initialize()
+        sizes = topology.feature_map_sizes()  # the B-spline bases of the tokenized stages' KAN layers
+        self.extra_elements = 0 if token_mixer != "kan" else sum(
+            3 * depth * math.prod(sizes[s]) * features[s] * (grid_size + spline_order)
+            for s in self.token_stages + self.decoder_token_stages)
 
     def initialize(self) -> None:
         """nnU-Net's initialisation for the convolutions, the official one for the MLP ablation's

@@ -10,6 +10,7 @@ sizes, and every decoder stage has a head. docs/vit_hybrid.md lists every deviat
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from torch import nn
@@ -65,6 +66,7 @@ class ViTransUNet(SegmentationNetwork):
             transformer = FeatureMapTransformer(topology.conv_op, channels, sizes[s], width, depth, heads, mlp_ratio,
                                                 drop_path_rate, topology.norm(channels), topology.nonlinearity())
             self.encoder.stages[s] = nn.Sequential(self.encoder.stages[s], transformer)
+        self.extra_elements = sum(depth * heads * math.prod(sizes[s]) ** 2 for s in self.transformer_stages)
         self.decoder = UNetDecoder(self.encoder, num_classes, list(topology.n_conv_per_stage_decoder), deep_supervision)
         self.initialize()  # He for the convolutions; the transformers keep ViT's initialisation of linear layers
 
