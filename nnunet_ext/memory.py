@@ -41,10 +41,14 @@ TOLERANCE = 0.2  # the estimate must be within 20% of the measured peak on CHECK
 
 
 class _LiveTensorBytes(TorchDispatchMode):
-    """Counts the bytes of the storages operators allocate while active, and their peak."""
+    """Counts the bytes of the storages operators allocate while active, and their peak. Storages of
+    `existing` tensors (weights, the input) are not counted when an operator returns a view of them.
+    A weak reference keeps a storage's identity until it is swept, so an address is never reused
+    under a key still held."""
 
-    def __init__(self):
+    def __init__(self, existing=()):
         super().__init__()
+        self.existing = {StorageWeakRef(t.untyped_storage()).cdata for t in existing}
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
         self.current = self.peak = 0
 
@@ -59,7 +63,7 @@ class _LiveTensorBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 storage = t.untyped_storage()
                 ref = StorageWeakRef(storage)
-                if ref.cdata not in self.live:
+                if ref.cdata not in self.live and ref.cdata not in self.existing:
                     self.live[ref.cdata] = (ref, storage.nbytes())
                     self.current += storage.nbytes()
                     if self.current > self.peak:  # freed storages only matter when the peak might move
@@ -71,7 +75,7 @@ class _LiveTensorBytes(TorchDispatchMode):
 def training_peak_bytes(net: torch.nn.Module, x: torch.Tensor) -> int:
     """Peak bytes of the tensors allocated by one forward and backward pass of `net` on `x`."""
     net.zero_grad(set_to_none=True)
-    with _LiveTensorBytes() as counter:
+    with _LiveTensorBytes(existing=[*net.parameters(), *net.buffers(), x]) as counter:
         outputs = net(x)
         outputs = [outputs] if isinstance(outputs, torch.Tensor) else outputs
         sum(o.float().mean() for o in outputs).backward()
@@ -128,7 +132,7 @@ class MemoryModel:
 
 
 # PlainConvUNet itself, fitted like the architectures (`nnunet-ext benchmark-memory --fit`).
-PLAIN_UNET = {2: MemoryModel(7.512, 0.0, 2.550), 3: MemoryModel(10.34, 0.0, 0.01927)}
+PLAIN_UNET = {2: MemoryModel(7.512, 0.0, 2.55), 3: MemoryModel(10.34, 0.0, 0.01927)}
 REFERENCE = "PlainConvUNet"
 
 

@@ -97,7 +97,7 @@ register(Architecture(
             "self-attention at the low-resolution stages",
     reference="Oktay et al., Attention U-Net, MIDL 2018; seed 002 (self-attention)",
     options={"self_attention_max_tokens": 4096, "attention_gates": True},
-    memory={2: MemoryModel(8.455, 10.78, 0.0), 3: MemoryModel(9.196, 9.600, 1.709)},
+    memory={2: MemoryModel(8.455, 10.78, 0.0), 3: MemoryModel(9.196, 9.6, 1.709)},
 ))
 
 register(Architecture(
@@ -111,7 +111,7 @@ register(Architecture(
     options={"window_sizes": None, "window_layout": "contiguous", "d_state": 16, "d_conv": 4, "expand": 2,
              "pixel_mamba": True, "patch_mamba": True, "bidirectional": True},
     fast_paths=(FastPath("mamba-ssm CUDA selective scan", ("mamba_ssm",)),),
-    memory={2: MemoryModel(57.47, 0.0, 3.821), 3: MemoryModel(88.11, 0.0, 0.0)},
+    memory={2: MemoryModel(57.26, 0.0, 2.983), 3: MemoryModel(87.89, 0.0, 0.0)},
 ))
 
 register(Architecture(
@@ -124,7 +124,7 @@ register(Architecture(
     reference="Azad et al., Beyond Self-Attention: Deformable Large Kernel Attention, WACV 2024; seed 001",
     options={"encoder_blocks": None, "bottleneck_blocks": None, "decoder_blocks": None, "dlka_from_stride": 4,
              "deformable": None, "position_embedding": False, "layer_scale": 1e-6},
-    memory={2: MemoryModel(12.41, 0.0, 2.324), 3: MemoryModel(14.02, 0.0, 0.9472)},
+    memory={2: MemoryModel(12.41, 0.0, 2.307), 3: MemoryModel(13.9, 0.0, 0.0)},
 ))
 
 register(Architecture(
@@ -138,7 +138,7 @@ register(Architecture(
               "AAAI 2025; seed 000",
     options={"token_mixer": "kan", "token_shift": True, "kan_conv": False, "depth": 1, "drop_path_rate": 0.0,
              "grid_size": 5, "spline_order": 3},
-    memory={2: MemoryModel(8.060, 8.311, 3.224), 3: MemoryModel(8.767, 9.153, 2.525)},
+    memory={2: MemoryModel(8.162, 8.214, 2.568), 3: MemoryModel(8.774, 9.146, 2.006)},
 ))
 
 register(Architecture(
@@ -153,5 +153,5 @@ register(Architecture(
               "2021; seed 003",
     options={"transformer_stages": None, "depth": 12, "width": 384, "heads": 6, "mlp_ratio": 4.0,
              "drop_path_rate": 0.1},
-    memory={2: MemoryModel(0.7327, 22.22, 6.876), 3: MemoryModel(9.603, 18.87, 4.166)},
+    memory={2: MemoryModel(3.021, 19.4, 4.062), 3: MemoryModel(10.08, 15.97, 1.191)},
 ))

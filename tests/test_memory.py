@@ -18,7 +18,9 @@ from nnunet_ext.cli import main
 
 
 def test_live_tensor_bytes_follow_allocations_and_frees():
-    with memory._LiveTensorBytes() as counter:
+    weight = torch.ones(300, 10)
+    with memory._LiveTensorBytes(existing=[weight]) as counter:
+        transposed = weight.t()  # a view of an existing tensor: nothing allocated
         a = torch.ones(1000)  # 4000 bytes
         b = torch.ones(2000)  # 8000
         view = b[:10]  # no new storage
@@ -26,7 +28,7 @@ def test_live_tensor_bytes_follow_allocations_and_frees():
         del a
         c = torch.ones(500)  # 2000: the live total stays below the peak of 12040
     assert counter.peak == 4000 + 8000 + 40
-    assert (b.numel(), small.numel(), c.numel()) == (2000, 10, 500)
+    assert (transposed.shape, b.numel(), small.numel(), c.numel()) == ((10, 300), 2000, 10, 500)
 
 
 class _AllAllocations(TorchDispatchMode):
