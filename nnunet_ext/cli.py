@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from nnunet_ext import discovery
-from nnunet_ext.registry import ARCHITECTURES
+from nnunet_ext.registry import ARCHITECTURES, fast_path_state
 from nnunet_ext.report import text_table
 
 SUPPORTED_NNUNET = ("2.8", "2.9")  # [lower, upper) of the nnunetv2 releases this version is tested on
@@ -30,7 +30,7 @@ def cmd_env(args) -> int:
 def cmd_list(args) -> int:
     rows = [["architecture", "trainer", "2D", "3D", "fast paths", "summary"]]
     for arch in ARCHITECTURES.values():
-        paths = ", ".join(f"{p.name}: {'active' if not p.missing() else 'off (needs ' + ', '.join(p.missing()) + ')'}"
+        paths = ", ".join(f"{p.name}: {'off (nnunet-ext doctor says why)' if p.missing() else 'active'}"
                           for p in arch.fast_paths) or "-"
         rows.append([arch.name, arch.trainer, "yes" if 2 in arch.dims else "no", "yes" if 3 in arch.dims else "no",
                      paths, arch.summary])
@@ -78,8 +78,7 @@ def _doctor_checks(args):
     for arch in ARCHITECTURES.values():
         for path in arch.fast_paths:
             missing = path.missing()
-            yield (None if missing else True, f"{arch.name}: {path.name} " + ("active" if not missing else
-                   f"off, needs {', '.join(missing)}; the PyTorch path is used"), "")
+            yield None if missing else True, f"{arch.name}: {path.name} {fast_path_state(missing)}", ""
 
     if args.dataset is not None:
         yield from _doctor_plans(args)
@@ -292,14 +291,15 @@ def cmd_compare(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from nnunet_ext.planning import plan
+    from nnunet_ext.planning import DEFAULT_GPU_MEMORY, plan
     from nnunet_ext.registry import get_architecture
 
     arch = get_architecture(args.architecture)
-    _progress(f"  planning {args.dataset} for {arch.name} within {args.gpu_memory:g} GB ...")
-    summary = plan(args.dataset, arch, args.gpu_memory, args.configurations)
+    gpu_memory = DEFAULT_GPU_MEMORY if args.gpu_memory is None else args.gpu_memory
+    _progress(f"  planning {args.dataset} for {arch.name} within {gpu_memory:g} GB ...")
+    summary = plan(args.dataset, arch, gpu_memory, args.configurations)
     print(f"{summary['dataset']}: plans {summary['plans']} for {arch.name}, GPU memory target "
-          f"{args.gpu_memory:g} GB (nnU-Net's estimate scaled by {arch.name}'s memory model)")
+          f"{gpu_memory:g} GB (nnU-Net's estimate scaled by {arch.name}'s memory model)")
     table = [["configuration", "patch", "batch", "estimated GPU memory", "nnU-Net's patch", "nnU-Net's batch",
               "preprocessed data"]]
     missing = []
@@ -432,8 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "nnUNetPlans_<Arch>_<GB>G.json next to nnU-Net's plans, for nnUNetv2_train -p")
     p.add_argument("-d", "--dataset", required=True, help="name or id (its fingerprint must exist)")
     p.add_argument("-a", "--architecture", required=True, help="registered name (nnunet-ext list)")
-    p.add_argument("--gpu-memory", type=float, default=8.0, help="GB of GPU memory to plan for (default: 8, "
-                                                                  "nnU-Net's default)")
+    p.add_argument("--gpu-memory", type=float, help="GB of GPU memory to plan for (default: nnU-Net's, 8)")
     p.add_argument("-c", "--configurations", nargs="+", help="configurations to write (default: all nnU-Net plans)")
 
     p = sub.add_parser("benchmark-memory", help="measured training memory of every architecture and PlainConvUNet "

@@ -91,6 +91,12 @@ class Footprint:
     extra_elements: int
     parameters: int
 
+    @classmethod
+    def of(cls, net: torch.nn.Module, units: int) -> "Footprint":
+        """`net`'s footprint on a topology and patch where PlainConvUNet has `units`."""
+        return cls(units=units, extra_elements=int(getattr(net, "extra_elements", 0)),
+                   parameters=sum(p.numel() for p in net.parameters()))
+
 
 def footprint(net: torch.nn.Module | None, architecture: dict, patch_size: Sequence[int], input_channels: int,
               num_classes: int) -> Footprint:
@@ -101,10 +107,7 @@ def footprint(net: torch.nn.Module | None, architecture: dict, patch_size: Seque
     plain = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
                                    architecture["_kw_requires_import"], input_channels, num_classes,
                                    allow_init=False)
-    net = plain if net is None else net
-    return Footprint(units=int(plain.compute_conv_feature_map_size(list(patch_size))),
-                     extra_elements=int(getattr(net, "extra_elements", 0)),
-                     parameters=sum(p.numel() for p in net.parameters()))
+    return Footprint.of(plain if net is None else net, int(plain.compute_conv_feature_map_size(list(patch_size))))
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,11 @@ class Workspace:
         env = dict(os.environ)
         env.update(nnUNet_raw=str(self.raw), nnUNet_preprocessed=str(self.preprocessed),
                    nnUNet_results=str(self.results), **{ENV_VAR: env_value()})
-        # nnU-Net starts 12 augmentation workers by default; small machines do better with fewer.
-        env.setdefault("nnUNet_n_proc_DA", str(min(4, os.cpu_count() or 1)))
+        # nnU-Net starts 12 augmentation workers and 8 export workers by default; small machines do better
+        # with fewer (each spawned worker imports torch: on 2 cores, 8 of them add ~30 s to a validation).
+        workers = str(min(4, os.cpu_count() or 1))
+        env.setdefault("nnUNet_n_proc_DA", workers)
+        env.setdefault("nnUNet_def_n_proc", workers)
         return env
 
     def run(self, command: str, *args, log: Path | None = None) -> str:
@@ -60,9 +63,10 @@ class Workspace:
                  plans: str = "nnUNetPlans") -> Path:
         return self.results / dataset / f"{trainer}__{plans}__{configuration}" / f"fold_{fold}"
 
-    def validation_dice(self, dataset: str, trainer: str, configuration: str, fold: int = 0) -> dict:
+    def validation_dice(self, dataset: str, trainer: str, configuration: str, fold: int = 0,
+                        plans: str = "nnUNetPlans") -> dict:
         """Mean Dice per label and over foreground from nnU-Net's own validation summary."""
-        summary = json.loads((self.fold_dir(dataset, trainer, configuration, fold)
+        summary = json.loads((self.fold_dir(dataset, trainer, configuration, fold, plans)
                               / "validation" / "summary.json").read_text())
         dice = {label: m["Dice"] for label, m in summary["mean"].items()}
         dice["foreground_mean"] = summary["foreground_mean"]["Dice"]

@@ -21,7 +21,7 @@ from pathlib import Path
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
-from nnunet_ext.memory import footprint, relative_memory
+from nnunet_ext.memory import Footprint, footprint, relative_memory
 from nnunet_ext.registry import Architecture
 from nnunet_ext.topology import PlansError, Topology
 
@@ -70,10 +70,9 @@ class ArchitecturePlanner(ExperimentPlanner):
     def static_estimate_VRAM_usage(self, patch_size, input_channels, output_channels, arch_class_name, arch_kwargs,
                                    arch_kwargs_req_import):
         # nnU-Net calls this on every candidate patch, largest first, and shrinks while it is too large.
-        units = super().static_estimate_VRAM_usage(patch_size, input_channels, output_channels, arch_class_name,
-                                                   arch_kwargs, arch_kwargs_req_import)
         if self._configuration not in self.configurations:  # nnU-Net plans it anyway; it is not written
-            return units
+            return super().static_estimate_VRAM_usage(patch_size, input_channels, output_channels, arch_class_name,
+                                                      arch_kwargs, arch_kwargs_req_import)
         entry = {"network_class_name": arch_class_name, "arch_kwargs": deepcopy(arch_kwargs),
                  "_kw_requires_import": list(arch_kwargs_req_import)}
         try:
@@ -81,9 +80,9 @@ class ArchitecturePlanner(ExperimentPlanner):
             net = self.architecture.build(topology, input_channels, output_channels)
         except PlansError as e:
             raise self._no_patch_fits(patch_size, e) from None
-        plain = footprint(None, entry, patch_size, input_channels, output_channels)
-        ours = footprint(net, entry, patch_size, input_channels, output_channels)
-        estimate = units * relative_memory(self.architecture.memory[len(patch_size)], len(patch_size), ours, plain)
+        plain = footprint(None, entry, patch_size, input_channels, output_channels)  # units: nnU-Net's estimate
+        ours = Footprint.of(net, plain.units)
+        estimate = plain.units * relative_memory(self.architecture.memory[len(patch_size)], len(patch_size), ours, plain)
         self._smallest = (estimate, [int(p) for p in patch_size])
         self._by_patch[_key(patch_size, arch_kwargs["strides"])] = estimate
         return estimate
@@ -128,7 +127,7 @@ class ArchitecturePlanner(ExperimentPlanner):
         if not plans["configurations"]:
             raise PlanningError(f"nnU-Net plans none of {sorted(self.configurations)} for {self.dataset_name}; it "
                                 f"plans {', '.join(planned)}.")
-        default_file = Path(nnUNet_preprocessed_folder(self.dataset_name)) / "nnUNetPlans.json"
+        default_file = nnUNet_preprocessed_folder(self.dataset_name) / "nnUNetPlans.json"
         default = json.loads(default_file.read_text()) if default_file.is_file() else {"configurations": {}}
         for name, configuration in plans["configurations"].items():
             if "data_identifier" not in configuration:  # 3d_cascade_fullres inherits 3d_fullres

@@ -19,21 +19,31 @@ from nnunet_ext.topology import PlansError, Topology
 
 @dataclass(frozen=True)
 class FastPath:
-    """An optional accelerated code path: active when its packages import and its device is present."""
+    """An optional accelerated code path. `probe` ("module:function") returns why the path is off
+    whatever the device, or None; the path also needs a CUDA device when `needs_cuda`."""
 
     name: str
-    packages: tuple[str, ...]
+    probe: str
     needs_cuda: bool = True
 
-    def missing(self) -> list[str]:
-        """What stops this path on this machine (empty when it is active)."""
-        missing = [f"package {p}" for p in self.packages if importlib.util.find_spec(p) is None]
+    def missing(self, device: str | None = None) -> list[str]:
+        """Why this path is off on `device` (default: this machine's best device); empty when active."""
+        module, function = self.probe.split(":")
+        reason = getattr(importlib.import_module(module), function)()
+        missing = [reason] if reason else []
         if self.needs_cuda:
             import torch
 
-            if not torch.cuda.is_available():
-                missing.append("a CUDA GPU")
+            if device is None and not torch.cuda.is_available():
+                missing.append("no CUDA GPU")
+            elif device is not None and device != "cuda":
+                missing.append(f"it needs CUDA, this runs on {device}")
         return missing
+
+
+def fast_path_state(missing: list[str]) -> str:
+    """How `nnunet-ext doctor` and the training log report a fast path."""
+    return "active" if not missing else f"off ({'; '.join(missing)}); the PyTorch path runs instead, slower"
 
 
 @dataclass(frozen=True)
@@ -110,8 +120,8 @@ register(Architecture(
     reference="Wang et al., LKM-UNet, MICCAI 2024; seed 004",
     options={"window_sizes": None, "window_layout": "contiguous", "d_state": 16, "d_conv": 4, "expand": 2,
              "pixel_mamba": True, "patch_mamba": True, "bidirectional": True},
-    fast_paths=(FastPath("mamba-ssm CUDA selective scan", ("mamba_ssm",)),),
-    memory={2: MemoryModel(57.26, 0.0, 2.983), 3: MemoryModel(87.89, 0.0, 0.0)},
+    fast_paths=(FastPath("mamba-ssm CUDA selective scan", "nnunet_ext.ops.selective_scan:kernels_off_reason"),),
+    memory={2: MemoryModel(47.65, 0.0, 4.342), 3: MemoryModel(56.06, 0.0, 0.225)},
 ))
 
 register(Architecture(

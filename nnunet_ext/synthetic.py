@@ -30,6 +30,7 @@ __all__ = ["make_dataset"]
 # (NaturalImage2DIO, SimpleITKIO on true 2D files), and the planner relies on that axis having by far the
 # largest spacing so it is never treated as a real neighbour (no pooling or resampling across it).
 _DUMMY_AXIS_SPACING = 999.0
+FILE_ENDINGS = (".nii.gz", ".nii", ".mha", ".nrrd")  # image formats SimpleITK writes and nnU-Net reads
 
 _MIN_EDGE = 8
 # The object's centre lies in [0.4, 0.6] and its radii in [0.2, 0.3] of the image extent per axis, so it is
@@ -60,6 +61,7 @@ def make_dataset(
     ignore_label: bool = False,
     origin: Sequence[float] = (-12.5, 30.0, 7.25),
     seed: int = 0,
+    file_ending: str = ".nii.gz",
 ) -> pathlib.Path:
     """Write a synthetic nnU-Net v2 raw dataset and return its folder.
 
@@ -80,6 +82,8 @@ def make_dataset(
         origin: world origin in array axis order. For dim=2 give either (y, x), in which case the dummy
             slice axis gets origin 0, or all three (slice, y, x) values.
         seed: seed for ``numpy.random.default_rng``; equal seeds give identical datasets.
+        file_ending: one of FILE_ENDINGS; nnU-Net reads all of them with SimpleITK (Grand Challenge
+            submissions use ``.mha``).
 
     Raises:
         ValueError: on invalid arguments, naming the offending one.
@@ -90,6 +94,8 @@ def make_dataset(
         dataset_id, name, dim, n_cases, n_test_cases, shape, spacing, n_channels, n_labels, origin
     )
 
+    if file_ending not in FILE_ENDINGS:
+        raise ValueError(f"file_ending must be one of {', '.join(FILE_ENDINGS)}, got {file_ending!r}")
     raw_dir = pathlib.Path(raw_dir)
     clashing = sorted(raw_dir.glob(f"Dataset{dataset_id:03d}_*"))
     if clashing:
@@ -117,12 +123,12 @@ def make_dataset(
             slab = max(1, int(_IGNORE_SLAB_FRACTION * shape_t[0]))
             seg[:slab] = ignore_value
         case = f"{name}_{i:03d}"
-        _write_images(images, folder / "imagesTr", case, dim, geometry)
-        _write(seg, folder / "labelsTr" / f"{case}.nii.gz", dim, geometry)
+        _write_images(images, folder / "imagesTr", case, dim, geometry, file_ending)
+        _write(seg, folder / "labelsTr" / f"{case}{file_ending}", dim, geometry)
     for i in range(n_cases, n_cases + n_test_cases):
         seg = _random_label_map(rng, shape_t, n_labels)
         _write_images(_images_for(rng, seg, n_channels, n_labels), folder / "imagesTs", f"{name}_{i:03d}", dim,
-                      geometry)
+                      geometry, file_ending)
 
     dataset_json = {
         "name": name,
@@ -130,7 +136,7 @@ def make_dataset(
         "channel_names": _channel_names(n_channels),
         "labels": _labels(n_labels, regions, ignore_label),
         "numTraining": n_cases,
-        "file_ending": ".nii.gz",
+        "file_ending": file_ending,
     }
     if regions:
         dataset_json["regions_class_order"] = list(range(1, n_labels + 1))
@@ -249,9 +255,9 @@ def _images_for(rng: np.random.Generator, seg: np.ndarray, n_channels: int, n_la
 
 
 def _write_images(images: list[np.ndarray], folder: pathlib.Path, case: str, dim: int,
-                  geometry: tuple[tuple[float, ...], tuple[float, ...]]) -> None:
+                  geometry: tuple[tuple[float, ...], tuple[float, ...]], file_ending: str) -> None:
     for c, image in enumerate(images):
-        _write(image, folder / f"{case}_{c:04d}.nii.gz", dim, geometry)
+        _write(image, folder / f"{case}_{c:04d}{file_ending}", dim, geometry)
 
 
 def _write(array: np.ndarray, path: pathlib.Path, dim: int,

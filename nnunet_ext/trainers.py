@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import _LRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_ext.blocks.kan import kan_parameters
-from nnunet_ext.registry import ARCHITECTURES, get_architecture
+from nnunet_ext.registry import ARCHITECTURES, fast_path_state, get_architecture
 from nnunet_ext.topology import Topology
 
 
@@ -34,6 +34,11 @@ class nnUNetExtTrainer(nnUNetTrainer):
         return get_architecture(cls.architecture).build(
             Topology.from_plans(configuration_manager), num_input_channels, num_output_channels,
             deep_supervision=enable_deep_supervision)
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        for path in get_architecture(self.architecture).fast_paths:  # a slow run should say why
+            self.print_to_log_file(f"{path.name}: {fast_path_state(path.missing(self.device.type))}")
 
     def train_step(self, batch: dict) -> dict:
         try:
@@ -195,6 +200,7 @@ def _with_schedule(trainer: type, suffix: str, epochs: int, iterations: int, val
         trainer.__init__(self, plans, configuration, fold, dataset_json, device)
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = \
             epochs, iterations, val_iterations
+        self.save_every = 1  # checkpoint_latest after every epoch, so `--c` resumes an interrupted short run
 
     name = f"{trainer.__name__}_{suffix}"
     return type(name, (trainer,), {"__init__": __init__, "__module__": __name__, "__qualname__": name,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import filecmp
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -112,3 +114,68 @@ def test_out_of_memory_in_a_training_step_says_how_to_plan_for_the_gpu(planned):
         f"{plans['batch_size']} patches of {plans['patch_size']} (nnUNetPlans, 3d_fullres)" in out.stderr
     assert "nnunet-ext plan -d Dataset999_Tiny -a lkm_unet --gpu-memory <GB of your GPU> -c 3d_fullres" in out.stderr
     assert "Tried to allocate 2.00 GiB" in out.stderr  # the original error stays in the traceback
+
+
+BROKEN_EXTENSION = "libcudart.so.12: cannot open shared object file: No such file or directory"
+
+
+@pytest.fixture(scope="module")
+def mha_lkm_unet(tmp_path_factory):
+    """A tiny .mha dataset (the Grand Challenge format; SimpleITK reads NaN and Inf from it, while its
+    NIfTI reader turns them into 0) on which LKM-UNet trained a short fold with a mamba_ssm that is
+    installed without its compiled extension, as after a failed CUDA build."""
+    from nnunet_ext.pipeline import Workspace
+    from nnunet_ext.synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("mha")
+    ops = root / "site" / "mamba_ssm" / "ops"
+    ops.mkdir(parents=True)
+    (ops.parent / "__init__.py").write_text("")
+    (ops / "__init__.py").write_text("")
+    (ops / "selective_scan_interface.py").write_text(f"raise ImportError({BROKEN_EXTENSION!r})\n")
+    ws = Workspace(root / "ws")
+    make_dataset(ws.raw, 998, "Mha", shape=(16, 32, 32), spacing=(3.0, 1.0, 1.0), n_cases=5, file_ending=".mha")
+    ws.dataset = "Dataset998_Mha"
+    ws.run("nnUNetv2_plan_and_preprocess", "-d", "998", "-c", "3d_fullres", "-np", "2")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", str(root / "site"), prepend=os.pathsep)
+        ws.run("nnUNetv2_train", "998", "3d_fullres", "0", "-tr", "nnUNetTrainerLKMUNet_debug", "-device", "cpu")
+    return ws
+
+
+def test_a_broken_fast_path_is_named_in_the_training_log_and_training_goes_on(mha_lkm_unet):
+    fold = mha_lkm_unet.fold_dir(mha_lkm_unet.dataset, "nnUNetTrainerLKMUNet_debug", "3d_fullres")
+    log = next(fold.glob("training_log_*.txt")).read_text()
+    assert (f"mamba-ssm CUDA selective scan: off (mamba_ssm does not import ({BROKEN_EXTENSION}): pip install "
+            "'nnunet-ext[mamba]' on a machine with nvcc; it needs CUDA, this runs on cpu); the PyTorch path runs "
+            "instead, slower") in log
+    assert (fold / "checkpoint_final.pth").is_file()
+
+
+def test_nan_or_inf_in_an_image_to_predict_stops_with_a_clear_message(mha_lkm_unet, tmp_path):
+    """The first case (sorted) has a NaN and an Inf: nnUNetv2_predict ends with our message alone, no
+    traceback; once the image is repaired, --continue_prediction predicts every case."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    ws = mha_lkm_unet
+    images = tmp_path / "images"
+    shutil.copytree(ws.raw / ws.dataset / "imagesTs", images)
+    first = sorted(images.iterdir())[0]
+    image = sitk.ReadImage(str(first))
+    array = sitk.GetArrayFromImage(image)
+    array[3, 4, 5], array[10, 20, 30] = np.nan, np.inf
+    broken = sitk.GetImageFromArray(array)
+    broken.CopyInformation(image)
+    sitk.WriteImage(broken, str(first))
+    predict = ["nnUNetv2_predict", "-i", images, "-o", tmp_path / "out", "-d", "998", "-c", "3d_fullres", "-f", "0",
+               "-tr", "nnUNetTrainerLKMUNet_debug", "-device", "cpu", "--disable_tta"]
+    with pytest.raises(RuntimeError) as failed:
+        ws.run(*predict)
+    output = str(failed.value)
+    assert "Traceback" not in output
+    assert output.rstrip().endswith("the remaining cases are predicted.")
+    assert re.search(r"LKMUNet: [12] of the \d+ values of an input patch are NaN or infinite", output)
+    sitk.WriteImage(image, str(first))  # repaired
+    ws.run(*predict, "--continue_prediction")
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.mha")) == ["Mha_005.mha", "Mha_006.mha"]

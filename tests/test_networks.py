@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import TOPOLOGIES
+from nnunet_ext.networks.base import NonFiniteInputError
 from nnunet_ext.registry import ARCHITECTURES
 
 NUM_CLASSES = 3
@@ -103,6 +104,23 @@ def test_eval_is_deterministic(arch_name, topology_case):
         first, second = net(x), net(x)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@arch_names
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_predicting_a_non_finite_input_stops_with_a_clear_message(arch_name, value):
+    """In eval mode (prediction) NaN or Inf in the input stops the network with a message that counts
+    them; training does not check (nnU-Net's fingerprint already refuses NaN in training data)."""
+    topology, in_ch = TOPOLOGIES["2d_4stages_1ch"]
+    net = build(arch_name, topology, in_ch).eval()
+    x = torch.randn(1, in_ch, *topology.patch_size)
+    x[0, 0, 3, 5] = x[0, 0, 7, 1] = value
+    with torch.no_grad(), pytest.raises(NonFiniteInputError) as stopped:
+        net(x)
+    assert isinstance(stopped.value, SystemExit)  # passes through nnU-Net's `except Exception`
+    assert f"2 of the {x.numel()} values of an input patch are NaN or infinite" in str(stopped.value)
+    assert "--continue_prediction" in str(stopped.value)
+    net.train()(x)  # no check while training
 
 
 @arch_names

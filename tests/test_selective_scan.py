@@ -73,6 +73,29 @@ def test_tiles_across_rows_and_positions(monkeypatch):
     check_against_loop(inputs, optional=("D", "z", "delta_bias"), softplus=True)
 
 
+def test_keeps_only_inputs_and_one_state_per_tile_for_backward(monkeypatch):
+    """Between forward and backward the scan holds O(b*d*L) memory like the CUDA kernel: its inputs
+    and the (rows, d, n) state entering each tile, never a tile's (rows, d, positions, n) states."""
+    monkeypatch.setitem(scan_module.TILE_ELEMENTS, "cpu", 2 * 8 * 16 * 100)
+    monkeypatch.setattr(scan_module, "MIN_TILE_LENGTH", 100)
+    batch, d, length, n = 4, 8, 1000, 16
+    assert scan_module._tiling(batch, d * n, length, torch.device("cpu")) == (2, 100)  # 20 tiles
+    inputs = {k: v.requires_grad_() for k, v in make_inputs(batch, d, length, n).items()
+              if k in ("u", "delta", "A", "B", "C")}
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        selective_scan_fn(**inputs)
+    input_bytes = sum(t.untyped_storage().nbytes() for t in inputs.values())
+    tile_starts = 20 * 2 * d * n * 4
+    assert sum(storages.values()) <= input_bytes + tile_starts
+    assert sum(storages.values()) >= input_bytes  # the hook saw what the scan saves
+
+
 def test_long_sequence_of_strongly_decaying_states_stays_finite():
     """Large steps times large |A| decay states to zero within a few positions: no overflow."""
     inputs = make_inputs(1, 4, 4000, 16, seed=3)
@@ -121,7 +144,16 @@ def test_cuda_kernels_are_used_only_when_allowed(monkeypatch):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", fake)
     sys.modules["mamba_ssm.ops"].selective_scan_interface = fake
-    assert scan_module.mamba_ssm_kernels() is fake
+    assert scan_module.mamba_ssm_kernels() is fake and scan_module.kernels_off_reason() is None
     monkeypatch.setattr(scan_module, "_use_kernels", True)
     scan_module.use_kernels(False)
     assert scan_module.mamba_ssm_kernels() is None
+    assert scan_module.kernels_off_reason().startswith("switched off by NNUNET_EXT_MAMBA_KERNELS=0")
+
+
+def test_a_mamba_ssm_that_does_not_import_is_named_with_the_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mamba_ssm", None)  # any import of it raises ImportError
+    monkeypatch.setattr(scan_module, "_use_kernels", True)
+    assert scan_module.mamba_ssm_kernels() is None
+    reason = scan_module.kernels_off_reason()
+    assert reason.startswith("mamba_ssm does not import (") and "pip install 'nnunet-ext[mamba]'" in reason

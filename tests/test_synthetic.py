@@ -172,8 +172,9 @@ def test_ignore_label_slab(tmp_path):
         {"n_channels": 4},
         {"regions": True, "n_labels": 3},
         {"ignore_label": True},
+        {"file_ending": ".mha"},
     ],
-    ids=["3d", "2d", "4ch", "regions", "ignore"],
+    ids=["3d", "2d", "4ch", "regions", "ignore", "mha"],
 )
 def test_nnunet_verify_dataset_integrity(tmp_path, kwargs):
     # Each call spawns a worker process that imports torch (~2 s), so only one dataset per feature.
@@ -239,6 +240,7 @@ def test_existing_dataset_id_is_not_overwritten(tmp_path):
         ({"origin": (1.0, 2.0)}, "origin"),
         ({"name": ""}, "name"),
         ({"dataset_id": -1}, "dataset_id"),
+        ({"file_ending": ".png"}, "file_ending"),
     ],
 )
 def test_bad_arguments_raise_value_error(tmp_path, kwargs, argument):

@@ -49,6 +49,27 @@ class AdditiveSkipDecoder(nn.Module):
         return decode(skips, self.step, self.seg_layers, self.deep_supervision)
 
 
+class NonFiniteInputError(SystemExit):
+    """An input to predict holds NaN or infinite values.
+
+    A SystemExit rather than a ValueError: nnU-Net's sliding-window prediction catches any Exception,
+    deletes variables that do not exist yet when the first patch fails, and so ends in an unrelated
+    UnboundLocalError; a SystemExit passes through, and nnUNetv2_predict ends with this message alone."""
+
+
+@torch.compiler.disable  # data-dependent: keep it out of compiled graphs
+def check_finite(x: torch.Tensor, network: str) -> None:
+    bad = int(x.numel() - torch.isfinite(x).sum())
+    if bad:
+        raise NonFiniteInputError(
+            f"{network}: {bad} of the {x.numel()} values of an input patch are NaN or infinite. When predicting "
+            "with nnUNetv2_predict it is the image named last above ('Predicting <case>:'): nnU-Net's "
+            "preprocessing passes NaN from .mha, .nrrd or nibabel-read files through, and no segmentation near "
+            "them can be trusted. Replace them in that image (for example with numpy.nan_to_num) and run the "
+            "same command with --continue_prediction: segmentations already in the output folder are kept and "
+            "the remaining cases are predicted.")
+
+
 class SegmentationNetwork(nn.Module):
     """Base class: subclasses set `self.encoder` (returns one skip per stage) and `self.decoder`
     (has `deep_supervision`; returns a list of logits, highest resolution first, or one tensor).
@@ -78,6 +99,8 @@ class SegmentationNetwork(nn.Module):
         return self.decoder(self.encoder(x))
 
     def forward(self, x: torch.Tensor):
+        if not self.training:  # predicting: refuse what no segmentation can be trusted on
+            check_finite(x, type(self).__name__)
         size = x.shape[2:]
         pad = [(-s) % t for s, t in zip(size, self.total_stride)]
         if not any(pad):

@@ -42,15 +42,25 @@ def use_kernels(enabled: bool) -> None:
     _use_kernels = bool(enabled)
 
 
-def mamba_ssm_kernels():
-    """mamba_ssm's CUDA selective-scan module when installed and allowed, else None."""
+def _import_kernels():
+    """(mamba_ssm's CUDA selective-scan module, None) when installed and allowed, else (None, why not)."""
     if not _use_kernels:
-        return None
+        return None, f"switched off by {_KERNELS_ENV}=0 or use_kernels(False)"
     try:
         from mamba_ssm.ops import selective_scan_interface
-    except ImportError:  # not installed, or installed without its compiled extension
-        return None
-    return selective_scan_interface
+    except ImportError as e:  # not installed, or installed without its compiled extension
+        return None, f"mamba_ssm does not import ({e}): pip install 'nnunet-ext[mamba]' on a machine with nvcc"
+    return selective_scan_interface, None
+
+
+def mamba_ssm_kernels():
+    """mamba_ssm's CUDA selective-scan module when installed and allowed, else None."""
+    return _import_kernels()[0]
+
+
+def kernels_off_reason() -> str | None:
+    """Why CUDA tensors would not reach mamba_ssm's kernels; None when they would."""
+    return _import_kernels()[1]
 
 
 # torch.compile runs the rest of a network compiled and calls the scan as it is: tracing would unroll
@@ -223,7 +233,8 @@ class _Tile:
         decay, inputs = self._decay_and_input()
         h = self._states(h0, decay, inputs)
         y = (h * self.C).sum(-1)
-        return self._to_sequence(y).flatten(1, 2), h[-1, -1].flatten(1, 2)
+        # a copy: a view would keep the whole tile's states alive while forward saves it for backward
+        return self._to_sequence(y).flatten(1, 2), h[-1, -1].flatten(1, 2).clone()
 
     def backward(self, h0, grad_y, grad_last, grads):
         """Write this tile's gradients into `grads` (u, delta, A, B, C; A accumulates) and
