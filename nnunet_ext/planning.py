@@ -51,6 +51,7 @@ class ArchitecturePlanner(ExperimentPlanner):
         self.configurations = set(configurations) | ({"3d_lowres"} if "3d_cascade_fullres" in configurations else set())
         self.estimates: dict[str, float] = {}  # configuration -> estimated GB at its batch size
         self.reused: dict[str, str | None] = {}  # configuration -> nnU-Net's data identifier it reuses, or None
+        self.default_configurations: dict = {}  # nnU-Net's own plans (nnUNetPlans.json), read by save_plans
         self._by_patch: dict[str, float] = {}  # our estimate per candidate (patch and strides)
         self._ours_cache: dict = {}  # what nnU-Net caches for the requested configurations: our estimates
         self._smallest: tuple[float, list[int]] | None = None  # the last candidate that could be built
@@ -111,9 +112,7 @@ class ArchitecturePlanner(ExperimentPlanner):
         # nnU-Net rounds the batch size to the nearest integer, which can overshoot the target; round down.
         dim, patch = len(plan["patch_size"]), plan["patch_size"]
         estimate = self._by_patch[_key(patch, plan["architecture"]["arch_kwargs"]["strides"])]
-        units, reference_batch = self.reference_units(dim)
-        fits = math.floor(units * self.UNet_vram_target_GB / self.UNet_reference_val_corresp_GB / estimate
-                          * reference_batch)
+        fits = math.floor(self.UNet_vram_target_GB / self.gigabytes(estimate, dim, 1))
         covered = round(approximate_n_voxels_dataset * self.max_dataset_covered / math.prod(patch))
         plan["batch_size"] = max(min(fits, covered), self.UNet_min_batch_size)
         self.estimates[self._configuration] = self.gigabytes(estimate, dim, plan["batch_size"])
@@ -129,6 +128,7 @@ class ArchitecturePlanner(ExperimentPlanner):
                                 f"plans {', '.join(planned)}.")
         default_file = nnUNet_preprocessed_folder(self.dataset_name) / "nnUNetPlans.json"
         default = json.loads(default_file.read_text()) if default_file.is_file() else {"configurations": {}}
+        self.default_configurations = default["configurations"]
         for name, configuration in plans["configurations"].items():
             if "data_identifier" not in configuration:  # 3d_cascade_fullres inherits 3d_fullres
                 continue
@@ -196,8 +196,7 @@ def plan(dataset, arch: Architecture, gpu_memory: float = DEFAULT_GPU_MEMORY,
     with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints every plan it considers
         planner.plan_experiment()
     written = json.loads((folder / f"{identifier}.json").read_text())
-    default_file = folder / "nnUNetPlans.json"
-    default = json.loads(default_file.read_text())["configurations"] if default_file.is_file() else {}
+    default = planner.default_configurations
     summary = {"dataset": name, "plans": identifier, "file": str(folder / f"{identifier}.json"),
                "gpu_memory": gpu_memory, "configurations": {}}
     for c, data in planner.reused.items():
