@@ -1,5 +1,5 @@
-"""The `nnunet-ext` command: env, list, doctor, make-dataset, demo, benchmark, compare, benchmark-scan,
-benchmark-dlka, benchmark-kan."""
+"""The `nnunet-ext` command: env, list, doctor, make-dataset, demo, real-data, benchmark, compare,
+benchmark-scan, benchmark-dlka, benchmark-kan, plan, benchmark-memory."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def cmd_list(args) -> int:
     print(text_table(rows))
     from nnunet_ext.trainers import SCHEDULES
 
-    print("\nShort-schedule variants (tests, demos): "
+    print("\nShort-schedule variants (tests, demos, real-data), also of nnUNetTrainer: "
           + ", ".join(f"<trainer>_{s} ({e} epoch(s) x {i} iterations)" for s, (e, i, _) in SCHEDULES.items()))
     return 0
 
@@ -171,6 +171,31 @@ def cmd_demo(args) -> int:
           + ", ".join(f"label {k}: {v:.3f}" for k, v in dice.items() if k != "foreground_mean")
           + f"; foreground mean {dice['foreground_mean']:.3f}")
     print(f"Predictions: {predictions}\nFull log: {log}")
+    return 0
+
+
+def cmd_real_data(args) -> int:
+    from nnunet_ext import real_data
+
+    unknown = sorted(set(args.datasets) - set(real_data.DATASETS))
+    if unknown:
+        print(f"error: unknown dataset(s) {', '.join(unknown)}; choose from {', '.join(real_data.DATASETS)}",
+              file=sys.stderr)
+        return 2
+    cache = Path(args.cache).resolve()
+    if args.fetch_only:
+        from nnunet_ext.pipeline import Workspace
+
+        raw = Workspace(args.dir).raw
+        for name in args.datasets:
+            print(real_data.write_raw(real_data.DATASETS[name], raw, cache))
+        return 0
+    trainers = args.trainers or [f"{t}_{real_data.SCHEDULE}" for t in
+                                 ("nnUNetTrainer", *(a.trainer for a in ARCHITECTURES.values()))]
+    reports = real_data.run(Path(args.dir), args.datasets, trainers, cache, args.folds, args.device,
+                            log=lambda text: print(text, flush=True))
+    for name, folder in reports.items():
+        print(f"{name}: reports in {folder}")
     return 0
 
 
@@ -455,6 +480,21 @@ def build_parser() -> argparse.ArgumentParser:
                                              "per-feature loop, at U-KAN's token shapes")
     _add_device_options(p)
 
+    p = sub.add_parser("real-data", help="small real images from packages on the index -> nnU-Net datasets -> "
+                                         "train every architecture and nnU-Net's default (short CPU schedule) -> "
+                                         "compare (docs/results.md)")
+    p.add_argument("datasets", nargs="+", metavar="DATASET", help="Nuclei2D, SpineCT, SpineMR, Lesions")
+    p.add_argument("--dir", default="nnunet_ext_real_data", help="workspace (nnUNet_raw, _preprocessed, _results, "
+                                                                 "logs, reports); finished folds are kept")
+    p.add_argument("--cache", default=str(Path.home() / ".cache" / "nnunet-ext" / "real-data"),
+                   help="where downloaded archives and checked files are kept")
+    p.add_argument("-tr", "--trainers", nargs="+", help="the first is the baseline (default: nnUNetTrainer, then "
+                                                        "every registered trainer, each with the _real schedule)")
+    p.add_argument("-f", "--folds", type=int, nargs="+", help="default: as many as train in an hour on 2 CPU cores "
+                                                               "(docs/results.md)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
+    p.add_argument("--fetch-only", action="store_true", help="only write the raw datasets into DIR/nnUNet_raw")
+
     p = sub.add_parser("demo", help="synthetic dataset -> plan -> train (short) -> predict -> Dice, on CPU")
     p.add_argument("--dir", default="nnunet_ext_demo", help="workspace folder (replaced on each run)")
     p.add_argument("-c", "--configuration", default="3d_fullres", choices=("2d", "3d_fullres"))
@@ -466,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"env": cmd_env, "list": cmd_list, "doctor": cmd_doctor, "make-dataset": cmd_make_dataset,
             "demo": cmd_demo, "benchmark": cmd_benchmark, "compare": cmd_compare, "benchmark-scan": cmd_benchmark_scan,
             "benchmark-dlka": cmd_benchmark_dlka, "benchmark-kan": cmd_benchmark_kan, "plan": cmd_plan,
-            "benchmark-memory": cmd_benchmark_memory}
+            "benchmark-memory": cmd_benchmark_memory, "real-data": cmd_real_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -189,8 +189,9 @@ class nnUNetTrainerViTransUNet(nnUNetExtTrainer):
         return optimizer, WarmupPolyLRScheduler(optimizer, self.num_epochs, warmup)
 
 
-# Short schedules: (epochs, training iterations per epoch, validation iterations per epoch).
-SCHEDULES = {"debug": (1, 5, 2), "demo": (4, 10, 3)}
+# Short schedules: (epochs, training iterations per epoch, validation iterations per epoch). `real` is the
+# CPU schedule of `nnunet-ext real-data` (docs/results.md: under an hour per dataset on 2 cores).
+SCHEDULES = {"debug": (1, 5, 2), "demo": (4, 10, 3), "real": (12, 10, 2)}
 
 
 def _with_schedule(trainer: type, suffix: str, epochs: int, iterations: int, val_iterations: int) -> type:
@@ -207,12 +208,11 @@ def _with_schedule(trainer: type, suffix: str, epochs: int, iterations: int, val
                                    "__doc__": f"{trainer.__name__} for {epochs} epoch(s) of {iterations} iterations."})
 
 
-__all__ = []
-for _arch in ARCHITECTURES.values():
-    _trainer = globals()[_arch.trainer]
-    __all__.append(_arch.trainer)
+__all__ = [arch.trainer for arch in ARCHITECTURES.values()]
+# nnU-Net's default trainer gets the same short schedules: the baseline of a comparison must train as long.
+for _trainer in (nnUNetTrainer, *(globals()[name] for name in list(__all__))):
     for _suffix, _schedule in SCHEDULES.items():
         _variant = _with_schedule(_trainer, _suffix, *_schedule)
         globals()[_variant.__name__] = _variant
         __all__.append(_variant.__name__)
-del _arch, _trainer, _suffix, _schedule, _variant
+del _trainer, _suffix, _schedule, _variant
