@@ -254,14 +254,14 @@ DATASETS = {d.name: d for d in (
                 "Fluorescence nuclei (2018 Data Science Bowl, via stardist 0.9.2): 16 non-overlapping 128x128 "
                 "crops of one 512x512 image, nuclei vs background.",
                 {"background": 0, "nucleus": 1}, _nuclei_cases),
-    RealDataset(802, "SpineCT", TPTBOX, "3d_fullres", "CT", (0, 1),
+    RealDataset(802, "SpineCT", TPTBOX, "3d_fullres", "CT", (0,),
                 "Spine CT at 1.5 mm (TPTBox 1.1.0 test sample): 6 non-overlapping sub-volumes of one image, "
                 "vertebral body and posterior elements.",
                 {"background": 0, "vertebral_body": 1, "posterior_elements": 2},
                 _spine_cases("spinect", "TPTBox/tests/sample_ct/sub-ct_label-22_ct.nii.gz",
                              "TPTBox/tests/sample_ct/sub-ct_seg-subreg_label-22_msk.nii.gz",
                              {1: _BODY, 2: _POSTERIOR})),
-    RealDataset(803, "SpineMR", TPTBOX, "3d_fullres", "T2w", (0, 1),
+    RealDataset(803, "SpineMR", TPTBOX, "3d_fullres", "T2w", (0,),
                 "Spine T2w MR at 1.5 mm (TPTBox 1.1.0 test sample): 6 non-overlapping sub-volumes of one image, "
                 "vertebral body (with endplates), posterior elements, discs and spinal canal (with cord).",
                 {"background": 0, "vertebral_body": 1, "posterior_elements": 2, "disc": 3, "spinal_canal": 4},
