@@ -81,12 +81,12 @@ class Package:
                     paths[member].write_bytes(data)
             except (zipfile.BadZipFile, tarfile.TarError, EOFError, KeyError) as e:
                 raise RuntimeError(f"{archive} is damaged or lacks a file we need ({e}); delete it and retry.") from e
-        for member, path in paths.items():
-            digest = _sha256(path)
-            if digest != self.files[member]:
-                raise RuntimeError(f"{member} from {self.requirement} has SHA-256 {digest}, expected "
-                                   f"{self.files[member]}: the file on the index changed; delete {cache} and "
-                                   "retry, and report it if it persists.")
+            for member, path in paths.items():  # the check above passed for files already in the cache
+                digest = _sha256(path)
+                if digest != self.files[member]:
+                    raise RuntimeError(f"{member} from {self.requirement} has SHA-256 {digest}, expected "
+                                       f"{self.files[member]}: the file on the index changed; delete {cache} and "
+                                       "retry, and report it if it persists.")
         return paths
 
 
