@@ -127,7 +127,7 @@ def cmd_make_dataset(args) -> int:
         return 2
     folder = make_dataset(raw, args.dataset_id, args.name, dim=args.dim, n_cases=args.cases,
                           n_channels=args.channels, n_labels=args.labels, regions=args.regions,
-                          ignore_label=args.ignore_label, seed=args.seed,
+                          ignore_label=args.ignore_label, object_scale=args.object_scale, seed=args.seed,
                           **({"shape": args.shape} if args.shape else {}),
                           **({"spacing": args.spacing} if args.spacing else {}))
     print(folder)
@@ -432,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=float, nargs="+", help="array order, e.g. 2 1 1")
     p.add_argument("--regions", action="store_true")
     p.add_argument("--ignore-label", action="store_true")
+    p.add_argument("--object-scale", type=float, default=1.0,
+                   help="scale of the objects' radii (0.2 to 0.3 of the extent); 0.2 gives very small structures")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("benchmark", help="parameters, FLOPs, training-step and inference time, peak memory of "

@@ -38,6 +38,9 @@ _MIN_EDGE = 8
 # border, which keeps the ignore slab (see make_dataset) off the foreground.
 _CENTRE_RANGE = (0.4, 0.6)
 _RADIUS_RANGE = (0.2, 0.3)
+# make_dataset's object_scale shrinks the radii (small structures), never below this: the radius of the
+# smallest default object, which _guaranteed_object_voxels relies on.
+_MIN_RADIUS = _RADIUS_RANGE[0] * _MIN_EDGE
 _IGNORE_SLAB_FRACTION = 0.1
 # Intensities in units of one "contrast step" between neighbouring labels.
 _STEP = 100.0
@@ -59,6 +62,7 @@ def make_dataset(
     n_labels: int = 2,
     regions: bool = False,
     ignore_label: bool = False,
+    object_scale: float = 1.0,
     origin: Sequence[float] = (-12.5, 30.0, 7.25),
     seed: int = 0,
     file_ending: str = ".nii.gz",
@@ -79,6 +83,9 @@ def make_dataset(
         regions: declare BraTS-style nested regions (region k = all labels >= k) in dataset.json.
         ignore_label: declare label ``n_labels + 1`` as nnU-Net's ignore label and mark a slab of slices
             (rows in 2D) at the low border of axis 0 of every training label map with it.
+        object_scale: scales the object's radii (0.2 to 0.3 of the extent per axis), down to at least
+            1.6 voxels: 0.2 on a 24x40x40 image gives objects of about 0.1 % of the voxels, the very
+            small structures (lesions, metastases) that nnU-Net's foreground oversampling exists for.
         origin: world origin in array axis order. For dim=2 give either (y, x), in which case the dummy
             slice axis gets origin 0, or all three (slice, y, x) values.
         seed: seed for ``numpy.random.default_rng``; equal seeds give identical datasets.
@@ -91,7 +98,7 @@ def make_dataset(
             datasets with one id apart, and stale cases would corrupt the new one).
     """
     shape_t, spacing_t, origin_t = _validate(
-        dataset_id, name, dim, n_cases, n_test_cases, shape, spacing, n_channels, n_labels, origin
+        dataset_id, name, dim, n_cases, n_test_cases, shape, spacing, n_channels, n_labels, object_scale, origin
     )
 
     if file_ending not in FILE_ENDINGS:
@@ -116,7 +123,7 @@ def make_dataset(
     rng = np.random.default_rng(seed)
     ignore_value = n_labels + 1 if ignore_label else None
     for i in range(n_cases):
-        seg = _random_label_map(rng, shape_t, n_labels)
+        seg = _random_label_map(rng, shape_t, n_labels, object_scale)
         images = _images_for(rng, seg, n_channels, n_labels)
         if ignore_value is not None:
             # Images are made from the true labels first: the ignore label hides annotation, not anatomy.
@@ -126,7 +133,7 @@ def make_dataset(
         _write_images(images, folder / "imagesTr", case, dim, geometry, file_ending)
         _write(seg, folder / "labelsTr" / f"{case}{file_ending}", dim, geometry)
     for i in range(n_cases, n_cases + n_test_cases):
-        seg = _random_label_map(rng, shape_t, n_labels)
+        seg = _random_label_map(rng, shape_t, n_labels, object_scale)
         _write_images(_images_for(rng, seg, n_channels, n_labels), folder / "imagesTs", f"{name}_{i:03d}", dim,
                       geometry, file_ending)
 
@@ -154,6 +161,7 @@ def _validate(
     spacing: Sequence[float],
     n_channels: int,
     n_labels: int,
+    object_scale: float,
     origin: Sequence[float],
 ) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]:
     """Check the arguments of ``make_dataset``; return shape, spacing and origin as tuples."""
@@ -185,27 +193,32 @@ def _validate(
     if not 1 <= n_labels <= 254:
         # Labels are stored as uint8 and the ignore label takes n_labels + 1.
         raise ValueError(f"n_labels must be between 1 and 254, got {n_labels}")
-    if n_labels > _guaranteed_object_voxels(shape):
+    if not 0 < object_scale <= 1:
+        raise ValueError(f"object_scale must be in (0, 1], got {object_scale}")
+    if n_labels > _guaranteed_object_voxels(shape, object_scale):
         raise ValueError(f"n_labels={n_labels} nested labels do not fit into an object in shape {tuple(shape)}; "
                          f"use a larger shape or fewer labels")
     return tuple(int(s) for s in shape), tuple(float(s) for s in spacing), tuple(float(o) for o in origin)
 
 
-def _guaranteed_object_voxels(shape: Sequence[int]) -> int:
+def _guaranteed_object_voxels(shape: Sequence[int], object_scale: float = 1.0) -> int:
     """A lower bound on the number of voxels inside the smallest object ``_random_label_map`` can draw.
 
-    Every radius is at least 1.6 voxels (0.2 x the minimum edge of 8), and a ball of that radius always
+    Every radius is at least _MIN_RADIUS = 1.6 voxels, and a ball of that radius always
     contains 4 voxel centres: the corner of the grid cell around its centre nearest to it and that corner's
     neighbours along the cell edges lie within sqrt(1.75) < 1.6 voxels (sqrt(2) for the far corner in 2D).
     For larger shapes, the box inscribed in the smallest ellipsoid (half-widths r / sqrt(dim)) gives more.
     """
     d = len(shape)
-    box = math.prod(math.ceil(2 * _RADIUS_RANGE[0] * edge / math.sqrt(d)) - 1 for edge in shape)
+    radii = (max(_MIN_RADIUS, object_scale * _RADIUS_RANGE[0] * edge) for edge in shape)
+    box = math.prod(math.ceil(2 * r / math.sqrt(d)) - 1 for r in radii)
     return max(4, box)
 
 
-def _random_label_map(rng: np.random.Generator, shape: tuple[int, ...], n_labels: int) -> np.ndarray:
-    """One ellipsoid at a random place and size, split into ``n_labels`` concentric shells.
+def _random_label_map(rng: np.random.Generator, shape: tuple[int, ...], n_labels: int,
+                      object_scale: float = 1.0) -> np.ndarray:
+    """One ellipsoid at a random place and size (radii scaled by ``object_scale``, at least _MIN_RADIUS),
+    split into ``n_labels`` concentric shells.
 
     Shells are cut by rank of the normalised radius, with voxel counts proportional to shells of equal
     thickness (each 1 / n_labels of the radius) but at least one voxel each, so no label can vanish through
@@ -213,7 +226,7 @@ def _random_label_map(rng: np.random.Generator, shape: tuple[int, ...], n_labels
     """
     extent = np.asarray(shape, dtype=float)
     centre = rng.uniform(*_CENTRE_RANGE, size=len(shape)) * extent
-    radii = rng.uniform(*_RADIUS_RANGE, size=len(shape)) * extent
+    radii = np.maximum(_MIN_RADIUS, rng.uniform(*_RADIUS_RANGE, size=len(shape)) * extent * object_scale)
     grid = np.indices(shape, dtype=float)
     rho = np.sqrt(sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii))).ravel()
 

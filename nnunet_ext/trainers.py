@@ -25,6 +25,9 @@ class nnUNetExtTrainer(nnUNetTrainer):
     (data, augmentation, loss with deep supervision, schedule, inference) is stock nnU-Net."""
 
     architecture: str = ""
+    # Overrides of the architecture's registered options (registry.py, its docs page): a subclass with, e.g.,
+    # {"zero_init_decoder": True} is an ablation that nnUNetv2_train and nnUNetv2_predict run as they are.
+    network_options: dict = {}
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
@@ -33,7 +36,7 @@ class nnUNetExtTrainer(nnUNetTrainer):
         # on the class, both with these arguments, and it needs to know which architecture to build.
         return get_architecture(cls.architecture).build(
             Topology.from_plans(configuration_manager), num_input_channels, num_output_channels,
-            deep_supervision=enable_deep_supervision)
+            deep_supervision=enable_deep_supervision, **cls.network_options)
 
     def on_train_start(self) -> None:
         super().on_train_start()

@@ -1,6 +1,7 @@
 """Dataset kinds nnU-Net users bring, for every architecture through the stock commands: several input
-channels, BraTS-style overlapping regions, an ignore label, strongly anisotropic spacing. Each case
-trains the debug schedule on 3d_fullres, checks nnU-Net's validation, and predicts unseen images.
+channels, BraTS-style overlapping regions, an ignore label, strongly anisotropic spacing, very small
+structures (about 0.1 % of the voxels). Each case trains the debug schedule on 3d_fullres, checks
+nnU-Net's validation, and predicts unseen images.
 Cases are marked `matrix(architecture, "kind-<kind>")`: the end-to-end rotation (conftest.py) runs
 some of them in each CI run, `--full-matrix` all."""
 
@@ -25,6 +26,7 @@ KINDS = {
     "regions": dict(n_labels=3, regions=True),
     "ignore": dict(ignore_label=True),
     "aniso": dict(shape=(12, 48, 48), spacing=(6.0, 0.8, 0.8)),  # nnU-Net pools in-plane only at first
+    "small": dict(object_scale=0.2),  # objects of a few voxels: nnU-Net's foreground oversampling finds them
 }
 
 

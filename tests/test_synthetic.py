@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_ext.synthetic import make_dataset
+from nnunet_ext.synthetic import _guaranteed_object_voxels, _random_label_map, make_dataset
 
 SHAPE_3D = (16, 24, 20)
 SPACING_3D = (2.5, 1.0, 0.75)
@@ -205,6 +205,27 @@ def test_nnunet_reader_sees_2d_with_dummy_axis(tmp_path):
     assert props["spacing"][0] > 10 * max(props["spacing"][1:])
 
 
+def test_small_structures_keep_every_label(tmp_path):
+    small = make_dataset(tmp_path, 1, "Small", n_cases=6, n_test_cases=0, shape=(24, 40, 40), spacing=(3.0, 1.0, 1.0),
+                         object_scale=0.2)
+    default = make_dataset(tmp_path, 2, "Default", n_cases=6, n_test_cases=0, shape=(24, 40, 40),
+                           spacing=(3.0, 1.0, 1.0))
+    for path in sorted((small / "labelsTr").iterdir()):
+        seg = _read(path)[1]
+        assert set(np.unique(seg)) == {0, 1, 2}, path
+        assert 0 < (seg > 0).mean() < 0.003, path  # about 0.1 % of the voxels
+    assert min((_read(p)[1] > 0).mean() for p in (default / "labelsTr").iterdir()) > 0.02
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 8), (8, 8), (8, 40, 40), (24, 40, 40)])
+@pytest.mark.parametrize("object_scale", [1.0, 0.2, 0.01])
+def test_objects_never_have_fewer_voxels_than_the_validation_assumes(shape, object_scale):
+    rng = np.random.default_rng(0)
+    bound = _guaranteed_object_voxels(shape, object_scale)
+    smallest = min(int((_random_label_map(rng, shape, 1, object_scale) > 0).sum()) for _ in range(300))
+    assert smallest >= bound >= 4
+
+
 def test_same_seed_same_data_different_seed_different_data(tmp_path):
     kwargs = {"n_cases": 2, "n_test_cases": 1, "shape": (10, 12, 12), "n_channels": 2}
     first = _arrays(make_dataset(tmp_path / "a", seed=3, **kwargs))
@@ -241,6 +262,8 @@ def test_existing_dataset_id_is_not_overwritten(tmp_path):
         ({"name": ""}, "name"),
         ({"dataset_id": -1}, "dataset_id"),
         ({"file_ending": ".png"}, "file_ending"),
+        ({"object_scale": 0.0}, "object_scale"),
+        ({"object_scale": 1.5}, "object_scale"),
     ],
 )
 def test_bad_arguments_raise_value_error(tmp_path, kwargs, argument):

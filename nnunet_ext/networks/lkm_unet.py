@@ -15,6 +15,7 @@ from typing import Sequence
 from torch import nn
 
 from dynamic_network_architectures.building_blocks.unet_residual_decoder import UNetResDecoder
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
 
 from nnunet_ext.blocks.large_kernel_mamba import LAYOUTS, LMBlock
 from nnunet_ext.networks.base import SegmentationNetwork
@@ -48,13 +49,19 @@ class LKMUNet(SegmentationNetwork):
         window_layout: "contiguous" windows (the paper) or the official code's "strided" grid.
         d_state, d_conv, expand: Mamba's state size, causal conv width and inner expansion.
         pixel_mamba, patch_mamba, bidirectional: PiM, PaM and BiM switches (the paper's ablation).
+        zero_init_decoder: start the decoder's residual blocks as identities too, as the official code
+            does (the encoder's always do). Off by default: a decoder stage then starts as a 1x1
+            projection, so the whole decoder starts without a spatial convolution, and on short
+            schedules whole classes are missed (docs/lkm_unet.md, "Initialisation").
     """
 
     def __init__(self, topology: Topology, input_channels: int, num_classes: int, deep_supervision: bool = True,
                  window_sizes: Sequence[int | Sequence[int]] | None = None, window_layout: str = "contiguous",
                  d_state: int = 16, d_conv: int = 4, expand: float = 2,
-                 pixel_mamba: bool = True, patch_mamba: bool = True, bidirectional: bool = True):
+                 pixel_mamba: bool = True, patch_mamba: bool = True, bidirectional: bool = True,
+                 zero_init_decoder: bool = False):
         super().__init__(topology)
+        self.zero_init_decoder = zero_init_decoder
         if window_layout not in LAYOUTS:
             raise PlansError(f"window_layout must be one of {LAYOUTS}, got {window_layout!r}.")
         self.window_sizes = self._windows(topology, window_sizes)
@@ -66,6 +73,12 @@ class LKMUNet(SegmentationNetwork):
         self.decoder = UNetResDecoder(self.encoder, num_classes, list(topology.n_conv_per_stage_decoder),
                                       deep_supervision)
         self.initialize()
+
+    def initialize(self) -> None:
+        """He-normal convolutions; the residual blocks of the encoder (and of the decoder with
+        `zero_init_decoder`) start as identities, their last norm's weight and bias at zero."""
+        self.apply(InitWeights_He(1e-2))
+        (self if self.zero_init_decoder else self.encoder).apply(init_last_bn_before_add_to_0)
 
     @staticmethod
     def _windows(topology: Topology, window_sizes) -> list[tuple[int, ...]]:
