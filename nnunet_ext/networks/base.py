@@ -89,10 +89,11 @@ class SegmentationNetwork(nn.Module):
         # Stride of each deep-supervision output relative to the input, highest resolution first.
         self.output_strides = topology.cumulative_strides()[:-1]
 
-    def initialize(self) -> None:
-        """nnU-Net's initialisation: He-normal convolutions, residual branches starting at zero."""
+    def initialize(self, identity_blocks: nn.Module | None = None) -> None:
+        """nnU-Net's initialisation: He-normal convolutions, residual blocks starting as identities
+        (their last norm at zero); only those inside `identity_blocks` where it is given."""
         self.apply(InitWeights_He(1e-2))
-        self.apply(init_last_bn_before_add_to_0)
+        (self if identity_blocks is None else identity_blocks).apply(init_last_bn_before_add_to_0)
 
     def forward_features(self, x: torch.Tensor):
         """Encoder then decoder on an input whose size divides the total stride."""

@@ -15,7 +15,6 @@ from typing import Sequence
 from torch import nn
 
 from dynamic_network_architectures.building_blocks.unet_residual_decoder import UNetResDecoder
-from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
 
 from nnunet_ext.blocks.large_kernel_mamba import LAYOUTS, LMBlock
 from nnunet_ext.networks.base import SegmentationNetwork
@@ -77,8 +76,7 @@ class LKMUNet(SegmentationNetwork):
     def initialize(self) -> None:
         """He-normal convolutions; the residual blocks of the encoder (and of the decoder with
         `zero_init_decoder`) start as identities, their last norm's weight and bias at zero."""
-        self.apply(InitWeights_He(1e-2))
-        (self if self.zero_init_decoder else self.encoder).apply(init_last_bn_before_add_to_0)
+        super().initialize(identity_blocks=None if self.zero_init_decoder else self.encoder)
 
     @staticmethod
     def _windows(topology: Topology, window_sizes) -> list[tuple[int, ...]]:
