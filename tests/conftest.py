@@ -8,7 +8,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from torch import nn
 
@@ -49,6 +51,16 @@ def assert_compiles_like_eager(net: nn.Module, x: torch.Tensor) -> None:
         torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-6)
     out[0].sum().backward()
     assert all(p.grad is not None for p in net.parameters())
+
+
+def assert_prediction_fits_image(prediction: Path, image: Path, labels) -> None:
+    """A segmentation from nnUNetv2_predict lies on its input image's grid and holds only `labels`."""
+    prediction, image = sitk.ReadImage(str(prediction)), sitk.ReadImage(str(image))
+    assert prediction.GetSize() == image.GetSize()
+    np.testing.assert_allclose(prediction.GetSpacing(), image.GetSpacing())
+    np.testing.assert_allclose(prediction.GetOrigin(), image.GetOrigin())
+    np.testing.assert_allclose(prediction.GetDirection(), image.GetDirection())
+    assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= set(labels)
 
 
 def assert_random_only_in_training(net: nn.Module, x: torch.Tensor) -> None:

@@ -21,6 +21,7 @@ import torch
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from conftest import assert_prediction_fits_image
 from nnunet_ext.pipeline import Workspace
 from nnunet_ext.registry import ARCHITECTURES
 from nnunet_ext.synthetic import make_dataset
@@ -99,11 +100,7 @@ def test_lowres_then_cascade_train_and_predict(arch_name, cascade_workspace, mon
         ws.run(*predict, "-i", images, "-o", out, "-c", "3d_cascade_fullres", "-f", "0",
                "-prev_stage_predictions", previous, "--save_probabilities")
         for case in test_cases:
-            image = sitk.ReadImage(str(images / f"{case}_0000.nii.gz"))
-            prediction = sitk.ReadImage(str(out / f"{case}.nii.gz"))
-            assert prediction.GetSize() == image.GetSize()
-            np.testing.assert_allclose(prediction.GetOrigin(), image.GetOrigin())
-            assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1, 2}
+            assert_prediction_fits_image(out / f"{case}.nii.gz", images / f"{case}_0000.nii.gz", {0, 1, 2})
         probabilities[previous.name] = np.load(out / f"{test_cases[0]}.npz")["probabilities"]
     # the lowres segmentation is an input: another one changes the cascade's output
     assert np.abs(probabilities["lowres"] - probabilities["zeros"]).max() > 1e-4

@@ -10,11 +10,10 @@ import json
 import math
 import shutil
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
+from conftest import assert_prediction_fits_image
 from nnunet_ext.registry import ARCHITECTURES
 
 pytestmark = pytest.mark.e2e
@@ -68,13 +67,7 @@ def test_predict_from_final_checkpoint_keeps_geometry_and_matches_validation(tra
            "-tr", trainer, "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", "1", "-nps", "1")
 
     for case in cases:
-        image = sitk.ReadImage(str(inputs / f"{case}_0000.nii.gz"))
-        prediction = sitk.ReadImage(str(outputs / f"{case}.nii.gz"))
-        assert prediction.GetSize() == image.GetSize()
-        np.testing.assert_allclose(prediction.GetSpacing(), image.GetSpacing())
-        np.testing.assert_allclose(prediction.GetOrigin(), image.GetOrigin())
-        np.testing.assert_allclose(prediction.GetDirection(), image.GetDirection())
-        assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= LABELS
+        assert_prediction_fits_image(outputs / f"{case}.nii.gz", inputs / f"{case}_0000.nii.gz", LABELS)
 
     ws.run("nnUNetv2_evaluate_simple", raw / "labelsTr", outputs, "-l", "1", "2", "-np", "1", "--chill")
     ours = json.loads((outputs / "summary.json").read_text())["foreground_mean"]["Dice"]
