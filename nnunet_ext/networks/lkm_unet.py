@@ -60,7 +60,6 @@ class LKMUNet(SegmentationNetwork):
                  pixel_mamba: bool = True, patch_mamba: bool = True, bidirectional: bool = True,
                  zero_init_decoder: bool = False):
         super().__init__(topology)
-        self.zero_init_decoder = zero_init_decoder
         if window_layout not in LAYOUTS:
             raise PlansError(f"window_layout must be one of {LAYOUTS}, got {window_layout!r}.")
         self.window_sizes = self._windows(topology, window_sizes)
@@ -71,12 +70,7 @@ class LKMUNet(SegmentationNetwork):
             self.encoder.stages[s] = nn.Sequential(self.encoder.stages[s], lm)
         self.decoder = UNetResDecoder(self.encoder, num_classes, list(topology.n_conv_per_stage_decoder),
                                       deep_supervision)
-        self.initialize()
-
-    def initialize(self) -> None:
-        """He-normal convolutions; the residual blocks of the encoder (and of the decoder with
-        `zero_init_decoder`) start as identities, their last norm's weight and bias at zero."""
-        super().initialize(identity_blocks=None if self.zero_init_decoder else self.encoder)
+        self.initialize(identity_blocks=None if zero_init_decoder else self.encoder)
 
     @staticmethod
     def _windows(topology: Topology, window_sizes) -> list[tuple[int, ...]]:
