@@ -8,6 +8,7 @@ torch's FlopCounterMode (two FLOPs per multiply-accumulate).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import resource
@@ -73,10 +74,44 @@ def scan_inputs(shape: ScanShape, device):
     return {k: v.to(device).requires_grad_() for k, v in tensors.items()}
 
 
+@contextlib.contextmanager
+def pytorch_scan_only():
+    """selective_scan_fn on its PyTorch path: neither the compiled CPU loop nor mamba_ssm's kernels."""
+    from nnunet_ext.ops import cpu_kernel, selective_scan
+
+    saved = cpu_kernel._enabled, selective_scan._use_kernels
+    cpu_kernel.use_cpu_kernel(False)
+    selective_scan.use_kernels(False)
+    try:
+        yield
+    finally:
+        cpu_kernel.use_cpu_kernel(saved[0])
+        selective_scan.use_kernels(saved[1])
+
+
+def scan_path(device: str) -> str:
+    """Which path selective_scan_fn takes for tensors on `device`, and why not a faster one."""
+    from nnunet_ext.ops.cpu_kernel import cpu_kernel_off_reason
+    from nnunet_ext.ops.selective_scan import kernels_off_reason
+
+    if device == "cpu":
+        reason = cpu_kernel_off_reason()
+        return "compiled CPU scan" if reason is None else f"PyTorch scan (compiled CPU scan off: {reason})"
+    reason = kernels_off_reason()
+    return "mamba_ssm CUDA kernels" if reason is None else f"PyTorch scan (mamba_ssm kernels off: {reason})"
+
+
 def benchmark_scan(shapes=SCAN_SHAPES, repeats: int = 3, device: str = "cpu", progress=print) -> list[dict]:
-    """Forward+backward seconds of our scan, the sequential loop and mambapy's pscan, per shape."""
+    """Forward+backward seconds per shape of our scan (the path selective_scan_fn takes), its PyTorch
+    path, the sequential loop and mambapy's pscan."""
     device = torch.device(device)
+
+    def pytorch(t):
+        with pytorch_scan_only():
+            return selective_scan_fn(t["u"], t["delta"], t["A"], t["B"], t["C"])
+
     implementations = {"ours": lambda t: selective_scan_fn(t["u"], t["delta"], t["A"], t["B"], t["C"]),
+                       "pytorch": pytorch,
                        "loop": lambda t: selective_scan_loop(t["u"], t["delta"], t["A"], t["B"], t["C"])[0],
                        "mambapy": lambda t: mambapy_selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"])}
     rows = []

@@ -207,12 +207,14 @@ def cmd_benchmark_scan(args) -> int:
     from nnunet_ext import benchmark as bm
 
     rows = bm.benchmark_scan(repeats=args.repeats, device=args.device, progress=_progress)
-    table = [["shape", "rows x d_inner x length x d_state", "ours", "sequential loop", "mambapy pscan",
-              "loop / ours", "mambapy / ours"]]
+    table = [["shape", "rows x d_inner x length x d_state", "ours", "PyTorch path", "sequential loop",
+              "mambapy pscan", "PyTorch / ours", "loop / ours", "mambapy / ours"]]
     for r in rows:
-        table.append([r["shape"], r["rows x d_inner x length x d_state"], bm.seconds(r["ours"]), bm.seconds(r["loop"]),
-                      bm.seconds(r["mambapy"]), bm.ratio(r["loop"], r["ours"]), bm.ratio(r["mambapy"], r["ours"])])
-    print(f"Selective scan, forward+backward, float32, {args.device} (median of {args.repeats}; loop: 1 run)")
+        table.append([r["shape"], r["rows x d_inner x length x d_state"],
+                      *(bm.seconds(r[k]) for k in ("ours", "pytorch", "loop", "mambapy")),
+                      *(bm.ratio(r[k], r["ours"]) for k in ("pytorch", "loop", "mambapy"))])
+    print(f"Selective scan, forward+backward, float32, {args.device} (median of {args.repeats}; loop: 1 run); "
+          f"ours: {bm.scan_path(args.device)}")
     print(text_table(table))
     if any(r["mambapy"] is None for r in rows):
         print("mambapy is not installed: pip install mambapy (or nnunet-ext[bench]) to compare with its pscan.")

@@ -19,25 +19,23 @@ from nnunet_ext.topology import PlansError, Topology
 
 @dataclass(frozen=True)
 class FastPath:
-    """An optional accelerated code path. `probe` ("module:function") returns why the path is off
-    whatever the device, or None; the path also needs a CUDA device when `needs_cuda`."""
+    """An optional accelerated code path for tensors on `device` ("cuda" or "cpu"). `probe`
+    ("module:function") returns why the path is off whatever the machine, or None."""
 
     name: str
     probe: str
-    needs_cuda: bool = True
+    device: str = "cuda"
 
-    def missing(self, device: str | None = None) -> list[str]:
-        """Why this path is off on `device` (default: this machine's best device); empty when active."""
+    def missing(self) -> list[str]:
+        """Why this path is off on this machine; empty when active."""
         module, function = self.probe.split(":")
         reason = getattr(importlib.import_module(module), function)()
         missing = [reason] if reason else []
-        if self.needs_cuda:
+        if self.device == "cuda":
             import torch
 
-            if device is None and not torch.cuda.is_available():
+            if not torch.cuda.is_available():
                 missing.append("no CUDA GPU")
-            elif device is not None and device != "cuda":
-                missing.append(f"it needs CUDA, this runs on {device}")
         return missing
 
 
@@ -120,7 +118,8 @@ register(Architecture(
     reference="Wang et al., LKM-UNet, MICCAI 2024; seed 004",
     options={"window_sizes": None, "window_layout": "contiguous", "d_state": 16, "d_conv": 4, "expand": 2,
              "pixel_mamba": True, "patch_mamba": True, "bidirectional": True, "zero_init_decoder": False},
-    fast_paths=(FastPath("mamba-ssm CUDA selective scan", "nnunet_ext.ops.selective_scan:kernels_off_reason"),),
+    fast_paths=(FastPath("mamba-ssm CUDA selective scan", "nnunet_ext.ops.selective_scan:kernels_off_reason"),
+                FastPath("compiled CPU selective scan", "nnunet_ext.ops.cpu_kernel:cpu_kernel_off_reason", "cpu")),
     memory={2: MemoryModel(47.65, 0.0, 4.342), 3: MemoryModel(56.06, 0.0, 0.225)},
 ))
 

@@ -41,7 +41,8 @@ class nnUNetExtTrainer(nnUNetTrainer):
     def on_train_start(self) -> None:
         super().on_train_start()
         for path in get_architecture(self.architecture).fast_paths:  # a slow run should say why
-            self.print_to_log_file(f"{path.name}: {fast_path_state(path.missing(self.device.type))}")
+            if path.device == self.device.type:
+                self.print_to_log_file(f"{path.name}: {fast_path_state(path.missing())}")
 
     def train_step(self, batch: dict) -> dict:
         try:

@@ -17,10 +17,14 @@ from nnunet_ext.cli import main
 from test_cli import cli
 
 
-def test_the_three_scans_compute_the_same_thing():
+def test_the_four_scans_compute_the_same_thing():
     t = bm.scan_inputs(bm.ScanShape("tiny", rows=2, d_inner=6, length=37, d_state=5), "cpu")
     args = [t[k].detach() for k in ("u", "delta", "A", "B", "C")]
+    assert bm.scan_path("cpu") == "compiled CPU scan"
     ours = selective_scan_fn(*args)
+    with bm.pytorch_scan_only():
+        torch.testing.assert_close(selective_scan_fn(*args), ours, rtol=1e-4, atol=1e-5)
+    assert bm.scan_path("cpu") == "compiled CPU scan"  # switched back on
     torch.testing.assert_close(bm.mambapy_selective_scan(*args), ours, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(bm.selective_scan_loop(*args)[0], ours, rtol=1e-4, atol=1e-5)
 
@@ -29,7 +33,7 @@ def test_scan_benchmark_times_every_implementation():
     shapes = (bm.ScanShape("tiny", rows=2, d_inner=4, length=50, d_state=4),)
     rows = bm.benchmark_scan(shapes, repeats=1, progress=lambda _: None)
     assert [r["shape"] for r in rows] == ["tiny"]
-    assert all(rows[0][k] > 0 for k in ("ours", "loop", "mambapy"))
+    assert all(rows[0][k] > 0 for k in ("ours", "pytorch", "loop", "mambapy"))
 
 
 def test_benchmark_command_compares_with_nnunets_network_and_primus(planned, tmp_path):

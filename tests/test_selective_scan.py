@@ -1,4 +1,5 @@
-"""The selective scan against an independent float64 loop and against mamba_ssm's own reference."""
+"""The selective scan against an independent float64 loop and against mamba_ssm's own reference, on
+both CPU paths: the fused C loop (nnunet_ext.ops.cpu_kernel) and the PyTorch tiles."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import types
 
 import pytest
 import torch
+import nnunet_ext.ops.cpu_kernel as cpu_kernel
 import nnunet_ext.ops.selective_scan as scan_module
 from nnunet_ext.ops import selective_scan_fn
 from nnunet_ext.ops.reference import selective_scan_loop
@@ -16,6 +18,16 @@ def sequential_scan(u, delta, A, B, C, **options):
     """The float64 position-by-position loop."""
     return selective_scan_loop(u.double(), delta.double(), A.double(), B.double(), C.double(),
                                **{k: v.double() if torch.is_tensor(v) else v for k, v in options.items()})
+
+
+@pytest.fixture(params=["compiled", "pytorch"])
+def scan_path(request, monkeypatch):
+    """Run a test on the fused C scan, which a machine with a C compiler (CI's) must build, and on
+    the PyTorch scan."""
+    monkeypatch.setattr(cpu_kernel, "_enabled", request.param == "compiled")
+    if request.param == "compiled":
+        assert cpu_kernel.cpu_kernel_off_reason() is None, cpu_kernel.cpu_kernel_off_reason()
+    return request.param
 
 
 def make_inputs(batch, d, length, n, groups=None, seed=0):
@@ -49,14 +61,14 @@ def check_against_loop(inputs, optional, softplus, rtol=1e-4):
 @pytest.mark.parametrize("batch,d,length,n,groups", [
     (1, 3, 1, 2, None), (2, 6, 37, 5, None), (2, 8, 101, 4, 2), (3, 4, 256, 16, None), (1, 2, 2049, 3, None),
     (2, 6, 999, 16, 3)])
-def test_matches_sequential_loop_with_every_option(batch, d, length, n, groups):
+def test_matches_sequential_loop_with_every_option(batch, d, length, n, groups, scan_path):
     inputs = make_inputs(batch, d, length, n, groups)
     check_against_loop(inputs, optional=("D", "z", "delta_bias"), softplus=True)
 
 
 @pytest.mark.parametrize("optional,softplus", [((), False), (("D",), False), (("z",), True),
                                                (("delta_bias",), True), (("D", "delta_bias"), False)])
-def test_matches_sequential_loop_for_each_optional_input(optional, softplus):
+def test_matches_sequential_loop_for_each_optional_input(optional, softplus, scan_path):
     inputs = make_inputs(2, 4, 77, 6, seed=1)
     if not softplus:
         inputs["delta"] = inputs["delta"].abs()  # a raw delta must be positive to be a step size
@@ -65,7 +77,8 @@ def test_matches_sequential_loop_for_each_optional_input(optional, softplus):
 
 
 def test_tiles_across_rows_and_positions(monkeypatch):
-    """Force tiny tiles so one call is cut along both rows and positions: same numbers."""
+    """Force tiny tiles so one call of the PyTorch scan is cut along both rows and positions: same numbers."""
+    monkeypatch.setattr(cpu_kernel, "_enabled", False)
     monkeypatch.setitem(scan_module.TILE_ELEMENTS, "cpu", 2 * 24 * 50)
     monkeypatch.setattr(scan_module, "MIN_TILE_LENGTH", 50)
     inputs = make_inputs(5, 4, 333, 6, seed=2)
@@ -73,9 +86,10 @@ def test_tiles_across_rows_and_positions(monkeypatch):
     check_against_loop(inputs, optional=("D", "z", "delta_bias"), softplus=True)
 
 
-def test_keeps_only_inputs_and_one_state_per_tile_for_backward(monkeypatch):
-    """Between forward and backward the scan holds O(b*d*L) memory like the CUDA kernel: its inputs
-    and the (rows, d, n) state entering each tile, never a tile's (rows, d, positions, n) states."""
+def test_keeps_memory_linear_in_length_between_forward_and_backward(monkeypatch, scan_path):
+    """Between forward and backward the scan holds O(b*d*L) memory like the CUDA kernel, never the
+    (b, d, L, n) states: the PyTorch scan its inputs and the (rows, d, n) state entering each tile, the
+    C scan its inputs, B and C transposed, and the state entering each chunk of CHUNK positions."""
     monkeypatch.setitem(scan_module.TILE_ELEMENTS, "cpu", 2 * 8 * 16 * 100)
     monkeypatch.setattr(scan_module, "MIN_TILE_LENGTH", 100)
     batch, d, length, n = 4, 8, 1000, 16
@@ -91,12 +105,15 @@ def test_keeps_only_inputs_and_one_state_per_tile_for_backward(monkeypatch):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         selective_scan_fn(**inputs)
     input_bytes = sum(t.untyped_storage().nbytes() for t in inputs.values())
-    tile_starts = 20 * 2 * d * n * 4
-    assert sum(storages.values()) <= input_bytes + tile_starts
+    if scan_path == "pytorch":
+        extra = 20 * 2 * d * n * 4
+    else:
+        extra = (inputs["B"].nbytes + inputs["C"].nbytes) + batch * d * -(-length // cpu_kernel.CHUNK) * n * 4
+    assert sum(storages.values()) <= input_bytes + extra < batch * d * length * n * 4
     assert sum(storages.values()) >= input_bytes  # the hook saw what the scan saves
 
 
-def test_long_sequence_of_strongly_decaying_states_stays_finite():
+def test_long_sequence_of_strongly_decaying_states_stays_finite(scan_path):
     """Large steps times large |A| decay states to zero within a few positions: no overflow."""
     inputs = make_inputs(1, 4, 4000, 16, seed=3)
     inputs["delta"] = inputs["delta"].abs() * 20
@@ -105,7 +122,7 @@ def test_long_sequence_of_strongly_decaying_states_stays_finite():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_inputs_accumulate_in_float32(dtype):
+def test_low_precision_inputs_accumulate_in_float32(dtype, scan_path):
     inputs = make_inputs(2, 4, 300, 8, seed=4)
     low = {k: v.to(dtype) for k, v in inputs.items()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -116,7 +133,7 @@ def test_low_precision_inputs_accumulate_in_float32(dtype):
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-2, atol=1e-2 * y_ref.abs().max().item())
 
 
-def test_matches_mamba_ssm_selective_scan_ref(mamba_ssm):
+def test_matches_mamba_ssm_selective_scan_ref(mamba_ssm, scan_path):
     for groups in (None, 2):
         inputs = make_inputs(2, 8, 150, 16, groups, seed=5)
         kwargs = dict(D=inputs["D"], z=inputs["z"], delta_bias=inputs["delta_bias"], delta_softplus=True,
@@ -126,6 +143,53 @@ def test_matches_mamba_ssm_selective_scan_ref(mamba_ssm):
         y_ref, last_ref = mamba_ssm.selective_scan_ref(*args, **kwargs)
         torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(last, last_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_compiled_scan_cuts_channels_across_threads(threads, monkeypatch):
+    """With more threads than batch rows times groups, each group's channels are cut into parts whose
+    B and C gradients are summed afterwards: same numbers as the float64 loop for any thread count."""
+    monkeypatch.setattr(cpu_kernel, "_enabled", True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert cpu_kernel._work(1, 12, 2)[0] == min(6, -(-threads // 2))
+        check_against_loop(make_inputs(1, 12, 150, 5, groups=2, seed=6), optional=("D", "z"), softplus=True)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def kernel_cache(tmp_path, monkeypatch):
+    """An empty build cache; the library is loaded afresh in the test and again after it."""
+    monkeypatch.setenv("NNUNET_EXT_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_enabled", True)
+    cpu_kernel._load.cache_clear()
+    yield tmp_path
+    cpu_kernel._load.cache_clear()
+
+
+def test_without_a_working_compiler_the_pytorch_scan_runs_and_the_reason_is_given(kernel_cache, monkeypatch):
+    monkeypatch.setenv("CC", "false")
+    assert cpu_kernel.cpu_kernel_off_reason().startswith(
+        "false failed to build selective_scan.c (exit status 1)")
+    check_against_loop(make_inputs(2, 4, 77, 6, seed=7), optional=("D",), softplus=True)
+    cpu_kernel._load.cache_clear()
+    monkeypatch.setenv("CC", str(kernel_cache / "no-such-compiler"))
+    assert cpu_kernel.cpu_kernel_off_reason().startswith("cannot run the C compiler")
+    assert not list(kernel_cache.iterdir())  # a failed build leaves nothing behind
+
+
+def test_the_library_is_built_once_and_keeps_denormals(kernel_cache, monkeypatch):
+    """A cached build loads without a compiler. Loading it leaves the process's floating-point mode
+    alone: linked with -ffast-math, gcc 12 would make every later float op flush denormals to zero."""
+    assert cpu_kernel.cpu_kernel_off_reason() is None
+    assert [p.suffix for p in kernel_cache.iterdir()] == [".so"]
+    cpu_kernel._load.cache_clear()
+    monkeypatch.setenv("CC", "false")
+    assert cpu_kernel.cpu_kernel_off_reason() is None
+    tiny = torch.tensor([1e-39])  # a float32 denormal
+    assert (tiny * 1.0).item() > 0 and (tiny.numpy() * 1.0).item() > 0
 
 
 @pytest.mark.parametrize("change,message", [

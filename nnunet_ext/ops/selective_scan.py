@@ -7,7 +7,9 @@ The recurrence (mamba_ssm `selective_scan_ref` semantics), per batch b, channel 
 
 `selective_scan_fn` dispatches to mamba_ssm's CUDA kernel when mamba-ssm is installed, the tensors
 are on CUDA and the kernels are not switched off (`use_kernels(False)` or the environment variable
-NNUNET_EXT_MAMBA_KERNELS=0). Otherwise it runs `_SelectiveScan`, which
+NNUNET_EXT_MAMBA_KERNELS=0). CPU tensors take the fused C loop of `nnunet_ext.ops.cpu_kernel` where a C
+compiler can build it (off with `use_cpu_kernel(False)` or NNUNET_EXT_CPU_KERNEL=0). Everything else
+runs `_SelectiveScan`, which
 
 - accumulates states and products in float32 whatever the input dtype or autocast;
 - never loops over the sequence in Python: a tile of L positions is cut into chunks of about
@@ -25,6 +27,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from nnunet_ext.ops.cpu_kernel import CompiledScan, cpu_kernel_available
 
 # States (row, channel, position, n) materialised at once per tile; about six tensors of that size
 # are alive inside backward. On CPU, tiles that stay in cache are fastest (measured with
@@ -88,7 +92,8 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         if delta_softplus:
             delta32 = F.softplus(delta32)
         as_groups = (lambda t: t.float() if t.dim() == 4 else t.float().unsqueeze(1))
-        y, last_state = _SelectiveScan.apply(u32, delta32, A.float(), as_groups(B), as_groups(C))
+        scan = CompiledScan if u.device.type == "cpu" and cpu_kernel_available() else _SelectiveScan
+        y, last_state = scan.apply(u32, delta32, A.float(), as_groups(B), as_groups(C))
         if D is not None:
             y = y + u32 * D.float()[:, None]
         if z is not None:

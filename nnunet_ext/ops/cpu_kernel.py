@@ -1,0 +1,179 @@
+"""The fused CPU selective scan (csrc/selective_scan.c): compiled on first use, called through ctypes.
+
+A C compiler is all it needs: no PyTorch headers, no ninja, about a second to build. The library is
+cached under NNUNET_EXT_CACHE (default ~/.cache/nnunet_ext), named by a hash of the source, the flags
+and the CPU, so a cluster sharing one home folder never loads a build for another processor.
+Without a compiler `selective_scan_fn` keeps the PyTorch scan, and `cpu_kernel_off_reason` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "selective_scan.c"
+# -ffast-math lets gcc call glibc's vectorised expf and reorder the d_state sums. It is given to the
+# compile step only: linked with it, gcc before 13 adds crtfastmath.o, which switches the whole
+# process to flushing denormals when the library loads. -march=native is safe because the cache key
+# names the CPU.
+COMPILE_FLAGS = ["-O3", "-ffast-math", "-march=native", "-fPIC", "-c"]
+LINK_FLAGS = ["-shared"]
+CHUNK = 64  # positions whose states backward recomputes at once: (CHUNK + 1) x d_state floats stay in L1
+_ENV = "NNUNET_EXT_CPU_KERNEL"
+_enabled = os.environ.get(_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+class _Dims(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64) for name in ("batch", "d", "groups", "n", "length", "chunk", "parts")]
+
+
+def use_cpu_kernel(enabled: bool) -> None:
+    """Allow (default) or forbid the compiled CPU scan; forbidden, CPU tensors take the PyTorch scan."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def _cpu_name() -> str:
+    """The CPU's model and instruction-set flags, which decide what -march=native may emit."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return "\n".join(next((line for line in lines if line.startswith(key)), "") for key in ("model name", "flags"))
+
+
+def _build(compiler: str, library: Path) -> str | None:
+    """Compile and link SOURCE into `library`; the compiler's complaint when that fails."""
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:  # build aside, then rename: atomic for other processes
+        obj, built = Path(tmp) / "selective_scan.o", Path(tmp) / library.name
+        for command in ([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", str(obj)],
+                        [compiler, *LINK_FLAGS, str(obj), "-o", str(built), "-lm"]):
+            try:
+                result = subprocess.run(command, capture_output=True, text=True)
+            except OSError as e:
+                return f"cannot run the C compiler {compiler!r} ({e}); install gcc or set CC"
+            if result.returncode != 0:
+                detail = result.stderr.strip()[-500:]
+                return (f"{compiler} failed to build {SOURCE.name} (exit status {result.returncode})"
+                        + (f": {detail}" if detail else "") + "; install a working gcc or set CC")
+        os.replace(built, library)
+    return None
+
+
+@lru_cache(maxsize=None)
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        return None, "no C compiler found; install gcc or set CC"
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(COMPILE_FLAGS + LINK_FLAGS).encode(),
+                                     _cpu_name().encode(), platform.machine().encode()])).hexdigest()[:16]
+    cache = Path(os.environ.get("NNUNET_EXT_CACHE", Path.home() / ".cache" / "nnunet_ext"))
+    library = cache / f"selective_scan_{key}.so"
+    if not library.exists():
+        error = _build(compiler, library)
+        if error:
+            return None, error
+    lib = ctypes.CDLL(str(library))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.scan_forward.argtypes = [ctypes.POINTER(_Dims), i64, i64, i64] + [ptr] * 8
+    lib.scan_backward.argtypes = [ctypes.POINTER(_Dims), i64, i64, i64, i64] + [ptr] * 13
+    lib.scan_forward.restype = lib.scan_backward.restype = None
+    return lib, None
+
+
+def cpu_kernel_off_reason() -> str | None:
+    """Why CPU tensors would take the PyTorch scan instead of the compiled one; None when they would not."""
+    if not _enabled:
+        return f"switched off by {_ENV}=0 or use_cpu_kernel(False)"
+    return _load()[1]
+
+
+def cpu_kernel_available() -> bool:
+    return cpu_kernel_off_reason() is None
+
+
+@lru_cache(maxsize=None)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="nnunet_ext_scan")
+
+
+def _run(calls) -> None:
+    """Run the C calls on torch's number of threads; ctypes releases the GIL while C runs."""
+    threads = torch.get_num_threads()
+    if threads == 1 or len(calls) == 1:
+        for call in calls:
+            call()
+        return
+    for future in [_pool(threads).submit(call) for call in calls]:
+        future.result()
+
+
+def _work(batch: int, d: int, groups: int) -> tuple[int, list[tuple[int, int, int, int]]]:
+    """(parts, [(row, first channel, end channel, part)]): every group's channels cut into `parts`
+    pieces, enough pieces for all threads."""
+    per_group = d // groups
+    parts = max(1, min(per_group, -(-torch.get_num_threads() // (batch * groups))))
+    items = []
+    for b in range(batch):
+        for g in range(groups):
+            for p in range(parts):
+                lo, hi = g * per_group + p * per_group // parts, g * per_group + (p + 1) * per_group // parts
+                items.append((b, lo, hi, p))
+    return parts, items
+
+
+def _ptr(t: torch.Tensor | None):
+    return ctypes.c_void_p(t.data_ptr() if t is not None else None)
+
+
+class CompiledScan(torch.autograd.Function):
+    """Same contract as selective_scan._SelectiveScan: float32 u, delta (b, d, L), A (d, n),
+    B, C (b, g, n, L); returns y (b, d, L) and the last state (b, d, n)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):
+        lib = _load()[0]
+        batch, d, length = u.shape
+        groups, n = B.shape[1], A.shape[1]
+        u, delta, A = u.contiguous(), delta.contiguous(), A.contiguous()
+        B_t, C_t = B.transpose(-1, -2).contiguous(), C.transpose(-1, -2).contiguous()  # (b, g, L, n)
+        parts, items = _work(batch, d, groups)
+        dims = _Dims(batch, d, groups, n, length, CHUNK, parts)
+        y = u.new_empty(batch, d, length)
+        states = u.new_empty(batch, d, -(-length // CHUNK), n)
+        last = u.new_empty(batch, d, n)
+        args = [_ptr(t) for t in (u, delta, A, B_t, C_t, y, states, last)]
+        _run([lambda b=b, lo=lo, hi=hi: lib.scan_forward(ctypes.byref(dims), b, lo, hi, *args)
+              for b, lo, hi, _ in items])
+        ctx.save_for_backward(u, delta, A, B_t, C_t, states)
+        return y, last
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_last):
+        lib = _load()[0]
+        u, delta, A, B_t, C_t, states = ctx.saved_tensors
+        batch, d, length = u.shape
+        groups, n = B_t.shape[1], A.shape[1]
+        parts, items = _work(batch, d, groups)
+        dims = _Dims(batch, d, groups, n, length, CHUNK, parts)
+        grad_y = grad_y.float().contiguous()
+        grad_last = None if grad_last is None else grad_last.float().contiguous()
+        du, ddelta = torch.empty_like(u), torch.empty_like(u)
+        dA = u.new_empty(batch, d, n)
+        dB = u.new_zeros(batch, groups, parts, length, n)
+        dC = u.new_zeros(batch, groups, parts, length, n)
+        args = [_ptr(t) for t in (u, delta, A, B_t, C_t, states, grad_y, grad_last, du, ddelta, dA, dB, dC)]
+        _run([lambda b=b, lo=lo, hi=hi, p=p: lib.scan_backward(ctypes.byref(dims), b, lo, hi, p, *args)
+              for b, lo, hi, p in items])
+        return du, ddelta, dA.sum(0), dB.sum(2).transpose(-1, -2), dC.sum(2).transpose(-1, -2)
