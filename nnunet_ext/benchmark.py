@@ -11,10 +11,13 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing
+import os
 import resource
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import torch
@@ -236,11 +239,24 @@ def _peak_rss_bytes() -> int:
 
 
 def isolated(fn, *args, device: str = "cpu"):
-    """fn(*args), in a fresh process on CPU so that its peak resident set is its own."""
+    """fn(*args), in a fresh process on CPU so that its peak resident set is its own. A process that
+    is killed (the out-of-memory killer, typically) is an error, not a wait for a result that never
+    comes, as it would be with multiprocessing.Pool, which quietly replaces dead workers."""
     if device != "cpu":
         return fn(*args)
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool:
+            raise RuntimeError(
+                f"the process measuring {args[0]} was killed, most likely for lack of memory "
+                f"({_total_memory()} here); measure smaller plans (a 2d configuration, or plans from "
+                "`nnunet-ext plan` for a smaller memory target) or use a machine with more memory") from None
+
+
+def _total_memory() -> str:
+    pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    return f"{pages * page_size / 2 ** 30:.0f} GB of RAM"
 
 
 # The figures measured per network; each also comes as a ratio to nnU-Net's network (`<figure>_vs_nnunet`).

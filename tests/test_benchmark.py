@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -34,6 +35,14 @@ def test_scan_benchmark_times_every_implementation():
     rows = bm.benchmark_scan(shapes, repeats=1, progress=lambda _: None)
     assert [r["shape"] for r in rows] == ["tiny"]
     assert all(rows[0][k] > 0 for k in ("ours", "pytorch", "loop", "mambapy"))
+
+
+def test_a_killed_measurement_process_is_an_error_not_a_hang():
+    """The CPU measurements run in a fresh process; one that dies (here it exits at once, as when the
+    out-of-memory killer takes it) ends the benchmark with a message instead of waiting forever."""
+    with pytest.raises(RuntimeError, match=r"the process measuring 9 was killed, most likely for lack of memory "
+                                           r"\(\d+ GB of RAM here\)"):
+        bm.isolated(os._exit, 9)
 
 
 def test_benchmark_command_compares_with_nnunets_network_and_primus(planned, tmp_path):

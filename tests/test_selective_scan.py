@@ -3,6 +3,7 @@ both CPU paths: the fused C loop (nnunet_ext.ops.cpu_kernel) and the PyTorch til
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
 import types
 
@@ -159,6 +160,25 @@ def test_compiled_scan_cuts_channels_across_threads(threads, monkeypatch):
         torch.set_num_threads(before)
 
 
+def _scan_sum(seed):
+    inputs = make_inputs(2, 8, 100, 4, seed=seed)
+    return selective_scan_fn(**{k: inputs[k] for k in ("u", "delta", "A", "B", "C")}).sum().item()
+
+
+def test_compiled_scan_runs_in_a_child_forked_after_it_ran(monkeypatch):
+    """The child inherits the parent's thread pool object but not its threads: it must make its own
+    pool, or it would wait forever (data loaders and user code fork after training started)."""
+    monkeypatch.setattr(cpu_kernel, "_enabled", True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the pool only runs with more than one thread
+    try:
+        expected = _scan_sum(8)
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            assert pool.apply_async(_scan_sum, (8,)).get(timeout=60) == expected
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def kernel_cache(tmp_path, monkeypatch):
     """An empty build cache; the library is loaded afresh in the test and again after it."""
@@ -176,8 +196,13 @@ def test_without_a_working_compiler_the_pytorch_scan_runs_and_the_reason_is_give
     check_against_loop(make_inputs(2, 4, 77, 6, seed=7), optional=("D",), softplus=True)
     cpu_kernel._load.cache_clear()
     monkeypatch.setenv("CC", str(kernel_cache / "no-such-compiler"))
-    assert cpu_kernel.cpu_kernel_off_reason().startswith("cannot run the C compiler")
+    assert cpu_kernel.cpu_kernel_off_reason().startswith("cannot build selective_scan.c with")
     assert not list(kernel_cache.iterdir())  # a failed build leaves nothing behind
+    cpu_kernel._load.cache_clear()
+    monkeypatch.delenv("CC")
+    (kernel_cache / "file").write_text("")
+    monkeypatch.setenv("NNUNET_EXT_CACHE", str(kernel_cache / "file" / "cache"))  # cannot be created
+    assert "point NNUNET_EXT_CACHE to a writable folder" in cpu_kernel.cpu_kernel_off_reason()
 
 
 def test_the_library_is_built_once_and_keeps_denormals(kernel_cache, monkeypatch):

@@ -12,6 +12,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -30,7 +31,14 @@ COMPILE_FLAGS = ["-O3", "-ffast-math", "-march=native", "-fPIC", "-c"]
 LINK_FLAGS = ["-shared"]
 CHUNK = 64  # positions whose states backward recomputes at once: (CHUNK + 1) x d_state floats stay in L1
 _ENV = "NNUNET_EXT_CPU_KERNEL"
-_enabled = os.environ.get(_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def env_switch(variable: str) -> bool:
+    """A fast path's switch: on unless the environment variable is 0, false, no or off."""
+    return os.environ.get(variable, "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+_enabled = env_switch(_ENV)
 
 
 class _Dims(ctypes.Structure):
@@ -52,28 +60,32 @@ def _cpu_name() -> str:
     return "\n".join(next((line for line in lines if line.startswith(key)), "") for key in ("model name", "flags"))
 
 
-def _build(compiler: str, library: Path) -> str | None:
-    """Compile and link SOURCE into `library`; the compiler's complaint when that fails."""
-    library.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:  # build aside, then rename: atomic for other processes
-        obj, built = Path(tmp) / "selective_scan.o", Path(tmp) / library.name
-        for command in ([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", str(obj)],
-                        [compiler, *LINK_FLAGS, str(obj), "-o", str(built), "-lm"]):
-            try:
+def _build(compiler: list[str], library: Path) -> str | None:
+    """Compile and link SOURCE into `library`; what went wrong when that fails."""
+    try:
+        library.parent.mkdir(parents=True, exist_ok=True)
+        # build aside, then rename: other processes see no library or a whole one
+        with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+            obj, built = Path(tmp) / "selective_scan.o", Path(tmp) / library.name
+            for command in ([*compiler, *COMPILE_FLAGS, str(SOURCE), "-o", str(obj)],
+                            [*compiler, *LINK_FLAGS, str(obj), "-o", str(built), "-lm"]):
                 result = subprocess.run(command, capture_output=True, text=True)
-            except OSError as e:
-                return f"cannot run the C compiler {compiler!r} ({e}); install gcc or set CC"
-            if result.returncode != 0:
-                detail = result.stderr.strip()[-500:]
-                return (f"{compiler} failed to build {SOURCE.name} (exit status {result.returncode})"
-                        + (f": {detail}" if detail else "") + "; install a working gcc or set CC")
-        os.replace(built, library)
+                if result.returncode != 0:
+                    detail = result.stderr.strip()[-500:]
+                    return (f"{shlex.join(compiler)} failed to build {SOURCE.name} "
+                            f"(exit status {result.returncode})" + (f": {detail}" if detail else "")
+                            + "; install a working gcc or set CC")
+            os.replace(built, library)
+    except OSError as e:  # no such compiler, or a cache folder we cannot write
+        return (f"cannot build {SOURCE.name} with {shlex.join(compiler)!r} in {library.parent} ({e}); "
+                "install gcc or set CC, and point NNUNET_EXT_CACHE to a writable folder")
     return None
 
 
 @lru_cache(maxsize=None)
 def _load() -> tuple[ctypes.CDLL | None, str | None]:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    compiler = shlex.split(os.environ.get("CC", "")) or ([found] if found else None)  # CC may be "ccache gcc"
     if compiler is None:
         return None, "no C compiler found; install gcc or set CC"
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(COMPILE_FLAGS + LINK_FLAGS).encode(),
@@ -84,7 +96,10 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         error = _build(compiler, library)
         if error:
             return None, error
-    lib = ctypes.CDLL(str(library))
+    try:
+        lib = ctypes.CDLL(str(library))
+    except OSError as e:  # for example a cache on a filesystem mounted noexec
+        return None, f"cannot load {library} ({e}); point NNUNET_EXT_CACHE to another folder"
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.scan_forward.argtypes = [ctypes.POINTER(_Dims), i64, i64, i64] + [ptr] * 8
     lib.scan_backward.argtypes = [ctypes.POINTER(_Dims), i64, i64, i64, i64] + [ptr] * 13
@@ -104,7 +119,8 @@ def cpu_kernel_available() -> bool:
 
 
 @lru_cache(maxsize=None)
-def _pool(threads: int) -> ThreadPoolExecutor:
+def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
+    """One pool per process: a forked child inherits the parent's pool object but not its threads."""
     return ThreadPoolExecutor(threads, thread_name_prefix="nnunet_ext_scan")
 
 
@@ -115,7 +131,7 @@ def _run(calls) -> None:
         for call in calls:
             call()
         return
-    for future in [_pool(threads).submit(call) for call in calls]:
+    for future in [_pool(threads, os.getpid()).submit(call) for call in calls]:
         future.result()
 
 

@@ -23,12 +23,11 @@ runs `_SelectiveScan`, which
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-from nnunet_ext.ops.cpu_kernel import CompiledScan, cpu_kernel_available
+from nnunet_ext.ops.cpu_kernel import CompiledScan, cpu_kernel_available, env_switch
 
 # States (row, channel, position, n) materialised at once per tile; about six tensors of that size
 # are alive inside backward. On CPU, tiles that stay in cache are fastest (measured with
@@ -37,7 +36,7 @@ TILE_ELEMENTS = {"cpu": 2 ** 20, "cuda": 2 ** 25}
 MIN_TILE_LENGTH = 1024  # below this the per-tile Python overhead dominates; split rows instead
 
 _KERNELS_ENV = "NNUNET_EXT_MAMBA_KERNELS"
-_use_kernels = os.environ.get(_KERNELS_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
+_use_kernels = env_switch(_KERNELS_ENV)
 
 
 def use_kernels(enabled: bool) -> None:
