@@ -146,18 +146,22 @@ def test_matches_mamba_ssm_selective_scan_ref(mamba_ssm, scan_path):
         torch.testing.assert_close(last, last_ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.fixture
+def set_threads():
+    """torch.set_num_threads for one test; torch's thread count is restored after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("threads", [1, 3, 8])
-def test_compiled_scan_cuts_channels_across_threads(threads, monkeypatch):
+def test_compiled_scan_cuts_channels_across_threads(threads, monkeypatch, set_threads):
     """With more threads than batch rows times groups, each group's channels are cut into parts whose
     B and C gradients are summed afterwards: same numbers as the float64 loop for any thread count."""
     monkeypatch.setattr(cpu_kernel, "_enabled", True)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        assert cpu_kernel._work(1, 12, 2)[0] == min(6, -(-threads // 2))
-        check_against_loop(make_inputs(1, 12, 150, 5, groups=2, seed=6), optional=("D", "z"), softplus=True)
-    finally:
-        torch.set_num_threads(before)
+    set_threads(threads)
+    assert cpu_kernel._work(1, 12, 2)[0] == min(6, -(-threads // 2))
+    check_against_loop(make_inputs(1, 12, 150, 5, groups=2, seed=6), optional=("D", "z"), softplus=True)
 
 
 def _scan_sum(seed):
@@ -165,18 +169,14 @@ def _scan_sum(seed):
     return selective_scan_fn(**{k: inputs[k] for k in ("u", "delta", "A", "B", "C")}).sum().item()
 
 
-def test_compiled_scan_runs_in_a_child_forked_after_it_ran(monkeypatch):
+def test_compiled_scan_runs_in_a_child_forked_after_it_ran(monkeypatch, set_threads):
     """The child inherits the parent's thread pool object but not its threads: it must make its own
     pool, or it would wait forever (data loaders and user code fork after training started)."""
     monkeypatch.setattr(cpu_kernel, "_enabled", True)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)  # the pool only runs with more than one thread
-    try:
-        expected = _scan_sum(8)
-        with multiprocessing.get_context("fork").Pool(1) as pool:
-            assert pool.apply_async(_scan_sum, (8,)).get(timeout=60) == expected
-    finally:
-        torch.set_num_threads(before)
+    set_threads(2)  # the pool only runs with more than one thread
+    expected = _scan_sum(8)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_scan_sum, (8,)).get(timeout=60) == expected
 
 
 @pytest.fixture
