@@ -8,7 +8,6 @@ torch's FlopCounterMode (two FLOPs per multiply-accumulate).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import multiprocessing
 import os
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_ext.ops import selective_scan_fn
+from nnunet_ext.ops.selective_scan import pytorch_paths_only
 from nnunet_ext.ops.reference import selective_scan_loop
 
 
@@ -77,21 +77,6 @@ def scan_inputs(shape: ScanShape, device):
     return {k: v.to(device).requires_grad_() for k, v in tensors.items()}
 
 
-@contextlib.contextmanager
-def pytorch_scan_only():
-    """selective_scan_fn on its PyTorch path: neither the compiled CPU loop nor mamba_ssm's kernels."""
-    from nnunet_ext.ops import cpu_kernel, selective_scan
-
-    saved = cpu_kernel._enabled, selective_scan._use_kernels
-    cpu_kernel.use_cpu_kernel(False)
-    selective_scan.use_kernels(False)
-    try:
-        yield
-    finally:
-        cpu_kernel.use_cpu_kernel(saved[0])
-        selective_scan.use_kernels(saved[1])
-
-
 def scan_path(device: str) -> str:
     """Which path selective_scan_fn takes for tensors on `device`, and why not a faster one."""
     from nnunet_ext.ops.cpu_kernel import cpu_kernel_off_reason
@@ -110,7 +95,7 @@ def benchmark_scan(shapes=SCAN_SHAPES, repeats: int = 3, device: str = "cpu", pr
     device = torch.device(device)
 
     def pytorch(t):
-        with pytorch_scan_only():
+        with pytorch_paths_only():
             return selective_scan_fn(t["u"], t["delta"], t["A"], t["B"], t["C"])
 
     implementations = {"ours": lambda t: selective_scan_fn(t["u"], t["delta"], t["A"], t["B"], t["C"]),

@@ -119,7 +119,7 @@ register(Architecture(
     options={"window_sizes": None, "window_layout": "contiguous", "d_state": 16, "d_conv": 4, "expand": 2,
              "pixel_mamba": True, "patch_mamba": True, "bidirectional": True, "zero_init_decoder": False},
     fast_paths=(FastPath("mamba-ssm CUDA selective scan", "nnunet_ext.ops.selective_scan:kernels_off_reason"),
-                FastPath("compiled CPU selective scan", "nnunet_ext.ops.cpu_kernel:cpu_kernel_off_reason", "cpu")),
+                FastPath("compiled CPU Mamba loops", "nnunet_ext.ops.cpu_kernel:cpu_kernel_off_reason", "cpu")),
     memory={2: MemoryModel(47.65, 0.0, 4.342), 3: MemoryModel(56.06, 0.0, 0.225)},
 ))
 

@@ -122,6 +122,24 @@ def nnunet_env(planned, monkeypatch):
     return planned
 
 
+def channels_first(t: torch.Tensor) -> torch.Tensor:
+    """The values of a (batch, k, L) tensor in mamba_ssm's "d (b l)" layout, the one our Mamba layer
+    hands its convolution and scan: a (batch, k, L) view of a (k, batch, L) tensor."""
+    return t.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+@pytest.fixture(params=["compiled", "pytorch"])
+def cpu_path(request, monkeypatch):
+    """Run a test on the compiled CPU loops of a Mamba layer, which a machine with a C compiler (CI's)
+    must build, and on the PyTorch paths."""
+    import nnunet_ext.ops.cpu_kernel as cpu_kernel
+
+    monkeypatch.setattr(cpu_kernel, "_enabled", request.param == "compiled")
+    if request.param == "compiled":
+        assert cpu_kernel.cpu_kernel_off_reason() is None, cpu_kernel.cpu_kernel_off_reason()
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def mamba_ssm():
     """The real mamba_ssm's Mamba and selective_scan_ref, importable on CPU (tests/mamba_ssm_reference.py)."""

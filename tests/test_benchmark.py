@@ -23,7 +23,7 @@ def test_the_four_scans_compute_the_same_thing():
     args = [t[k].detach() for k in ("u", "delta", "A", "B", "C")]
     assert bm.scan_path("cpu") == "compiled CPU scan"
     ours = selective_scan_fn(*args)
-    with bm.pytorch_scan_only():
+    with bm.pytorch_paths_only():
         torch.testing.assert_close(selective_scan_fn(*args), ours, rtol=1e-4, atol=1e-5)
     assert bm.scan_path("cpu") == "compiled CPU scan"  # switched back on
     torch.testing.assert_close(bm.mambapy_selective_scan(*args), ours, rtol=1e-4, atol=1e-5)

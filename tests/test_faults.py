@@ -149,7 +149,7 @@ def mha_lkm_unet(tmp_path_factory):
 def test_a_broken_fast_path_is_named_in_the_training_log_and_training_goes_on(mha_lkm_unet):
     fold = mha_lkm_unet.fold_dir(mha_lkm_unet.dataset, "nnUNetTrainerLKMUNet_debug", "3d_fullres")
     log = next(fold.glob("training_log_*.txt")).read_text()
-    assert ("compiled CPU selective scan: off (false failed to build selective_scan.c (exit status 1); install a "
+    assert ("compiled CPU Mamba loops: off (false failed to build mamba.c (exit status 1); install a "
             "working gcc or set CC); the PyTorch path runs instead, slower") in log
     assert "mamba-ssm" not in log  # a CPU run does not report CUDA paths
     assert (fold / "checkpoint_final.pth").is_file()

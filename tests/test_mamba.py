@@ -12,15 +12,16 @@ from nnunet_ext.blocks.mamba import Mamba
 
 
 def stepwise_mamba(m: Mamba, x: torch.Tensor) -> torch.Tensor:
-    """mamba_ssm.Mamba's forward one token at a time (its `step` recurrence), in float64."""
-    p = {k: v.detach().double() for k, v in m.state_dict().items()}
+    """mamba_ssm.Mamba's forward one token at a time (its `step` recurrence), in float64; differentiable
+    with respect to x and m's parameters."""
+    p = {k: v.double() for k, v in m.named_parameters()}
     batch, length, _ = x.shape
     conv_state = x.new_zeros(batch, m.d_inner, m.d_conv, dtype=torch.float64)
     ssm_state = x.new_zeros(batch, m.d_inner, m.d_state, dtype=torch.float64)
     A = -torch.exp(p["A_log"])
     outputs = []
     for t in range(length):
-        xz = x[:, t].double() @ p["in_proj.weight"].T
+        xz = x[:, t].double() @ p["in_proj.weight"].T + p.get("in_proj.bias", 0)
         xt, z = xz.chunk(2, dim=-1)
         conv_state = torch.cat([conv_state[:, :, 1:], xt[:, :, None]], dim=-1)  # causal window
         xt = F.silu((conv_state * p["conv1d.weight"][:, 0]).sum(-1) + p["conv1d.bias"])
@@ -28,17 +29,36 @@ def stepwise_mamba(m: Mamba, x: torch.Tensor) -> torch.Tensor:
         dt = F.softplus(dt @ p["dt_proj.weight"].T + p["dt_proj.bias"])
         ssm_state = ssm_state * torch.exp(dt[..., None] * A) + (dt * xt)[..., None] * B[:, None]
         y = (ssm_state * C[:, None]).sum(-1) + p["D"] * xt
-        outputs.append((y * F.silu(z)) @ p["out_proj.weight"].T)
+        outputs.append((y * F.silu(z)) @ p["out_proj.weight"].T + p.get("out_proj.bias", 0))
     return torch.stack(outputs, dim=1)
 
 
 @pytest.mark.parametrize("d_model,d_state,d_conv,expand,length", [(16, 16, 4, 2, 50), (20, 8, 3, 1.5, 7),
                                                                   (33, 4, 2, 2, 1)])
-def test_matches_token_by_token_recurrence(d_model, d_state, d_conv, expand, length):
+def test_matches_token_by_token_recurrence(d_model, d_state, d_conv, expand, length, cpu_path):
     torch.manual_seed(0)
     m = Mamba(d_model, d_state=d_state, d_conv=d_conv, expand=expand)
     x = torch.randn(2, length, d_model)
-    torch.testing.assert_close(m(x).double(), stepwise_mamba(m, x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(m(x).double(), stepwise_mamba(m, x).detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_gradients_match_token_by_token_recurrence(bias, cpu_path):
+    """Gradients of the input and of every parameter, with the parameters moved off their
+    initialisation (D, the conv bias and the projections all matter)."""
+    torch.manual_seed(1)
+    m = Mamba(12, d_state=8, d_conv=4, expand=2, bias=bias)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(3, 29, 12, requires_grad=True)
+    w = torch.randn(3, 29, 12, dtype=torch.float64)
+    inputs = [x, *m.parameters()]
+    grads = torch.autograd.grad((m(x) * w.float()).sum(), inputs)
+    grads_ref = torch.autograd.grad((stepwise_mamba(m, x) * w).sum(), inputs)
+    for name, got, expected in zip(["x", *dict(m.named_parameters())], grads, grads_ref):
+        torch.testing.assert_close(got.double(), expected.double(), rtol=1e-4, atol=1e-5 * expected.abs().max().item(),
+                                   msg=lambda msg: f"gradient of {name}: {msg}")
 
 
 def test_state_dicts_move_both_ways_with_mamba_ssm(mamba_ssm):

@@ -76,6 +76,21 @@ def test_fit_recovers_the_coefficients_of_exact_samples():
     assert fitted.per_parameter == pytest.approx(3.0)
 
 
+def test_lkm_unet_is_measured_on_its_pytorch_paths(monkeypatch):
+    """The planner's models describe Mamba's PyTorch paths, the most memory any device needs, even
+    where the compiled CPU loops (on by default, and keeping less) would run."""
+    from nnunet_ext.ops import cpu_kernel
+    from nnunet_ext.ops.selective_scan import pytorch_paths_only
+
+    monkeypatch.setattr(cpu_kernel, "_enabled", True)
+    measured = memory.measure("lkm_unet", (64, 64))["peak_bytes"]
+    patch, architecture = memory.default_plans_architecture((64, 64))
+    net, x = memory.build("lkm_unet", architecture, patch, 1, 3), torch.randn(memory.FIT_BATCH, 1, *patch)
+    compiled = memory.training_peak_bytes(net, x)
+    with pytorch_paths_only():
+        assert measured == memory.training_peak_bytes(net, x) > 1.2 * compiled
+
+
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_every_architecture_has_a_memory_model_per_dimension(name):
     arch = ARCHITECTURES[name]

@@ -11,6 +11,7 @@ import pytest
 import torch
 import nnunet_ext.ops.cpu_kernel as cpu_kernel
 import nnunet_ext.ops.selective_scan as scan_module
+from conftest import channels_first
 from nnunet_ext.ops import selective_scan_fn
 from nnunet_ext.ops.reference import selective_scan_loop
 
@@ -19,16 +20,6 @@ def sequential_scan(u, delta, A, B, C, **options):
     """The float64 position-by-position loop."""
     return selective_scan_loop(u.double(), delta.double(), A.double(), B.double(), C.double(),
                                **{k: v.double() if torch.is_tensor(v) else v for k, v in options.items()})
-
-
-@pytest.fixture(params=["compiled", "pytorch"])
-def scan_path(request, monkeypatch):
-    """Run a test on the fused C scan, which a machine with a C compiler (CI's) must build, and on
-    the PyTorch scan."""
-    monkeypatch.setattr(cpu_kernel, "_enabled", request.param == "compiled")
-    if request.param == "compiled":
-        assert cpu_kernel.cpu_kernel_off_reason() is None, cpu_kernel.cpu_kernel_off_reason()
-    return request.param
 
 
 def make_inputs(batch, d, length, n, groups=None, seed=0):
@@ -62,19 +53,41 @@ def check_against_loop(inputs, optional, softplus, rtol=1e-4):
 @pytest.mark.parametrize("batch,d,length,n,groups", [
     (1, 3, 1, 2, None), (2, 6, 37, 5, None), (2, 8, 101, 4, 2), (3, 4, 256, 16, None), (1, 2, 2049, 3, None),
     (2, 6, 999, 16, 3)])
-def test_matches_sequential_loop_with_every_option(batch, d, length, n, groups, scan_path):
+def test_matches_sequential_loop_with_every_option(batch, d, length, n, groups, cpu_path):
     inputs = make_inputs(batch, d, length, n, groups)
     check_against_loop(inputs, optional=("D", "z", "delta_bias"), softplus=True)
 
 
 @pytest.mark.parametrize("optional,softplus", [((), False), (("D",), False), (("z",), True),
                                                (("delta_bias",), True), (("D", "delta_bias"), False)])
-def test_matches_sequential_loop_for_each_optional_input(optional, softplus, scan_path):
+def test_matches_sequential_loop_for_each_optional_input(optional, softplus, cpu_path):
     inputs = make_inputs(2, 4, 77, 6, seed=1)
     if not softplus:
         inputs["delta"] = inputs["delta"].abs()  # a raw delta must be positive to be a step size
         inputs["delta_bias"] = inputs["delta_bias"].abs()
     check_against_loop(inputs, optional, softplus)
+
+
+@pytest.mark.parametrize("layout", ["d (b l)", "mixed"])
+def test_any_memory_layout_gives_the_same_numbers(layout, cpu_path):
+    """Our Mamba layer hands the scan views of (d, batch * length) tensors, which the compiled scan
+    reads and writes in place; inputs that do not share one layout are copied."""
+    inputs = make_inputs(3, 8, 70, 4, seed=9)
+    names = ("u", "delta", "z", "B", "C") if layout == "d (b l)" else ("z", "B")
+    inputs = {k: channels_first(v) if k in names else v for k, v in inputs.items()}
+    assert inputs["z"].stride() == (70, 3 * 70, 1)
+    check_against_loop(inputs, optional=("D", "z", "delta_bias"), softplus=True)
+    y = selective_scan_fn(**inputs, delta_softplus=True)
+    in_place = cpu_path == "compiled" and layout == "d (b l)"
+    assert y.stride() == (inputs["u"].stride() if in_place else (8 * 70, 70, 1))
+
+
+def test_softplus_is_linear_beyond_its_threshold(cpu_path):
+    """PyTorch's softplus returns its input above 20 (gradient 1), so a large raw step never
+    overflows exp on the way."""
+    inputs = make_inputs(2, 4, 60, 4, seed=10)
+    inputs["delta"][:, :2] += 100
+    check_against_loop(inputs, optional=("delta_bias",), softplus=True)
 
 
 def test_tiles_across_rows_and_positions(monkeypatch):
@@ -87,7 +100,7 @@ def test_tiles_across_rows_and_positions(monkeypatch):
     check_against_loop(inputs, optional=("D", "z", "delta_bias"), softplus=True)
 
 
-def test_keeps_memory_linear_in_length_between_forward_and_backward(monkeypatch, scan_path):
+def test_keeps_memory_linear_in_length_between_forward_and_backward(monkeypatch, cpu_path):
     """Between forward and backward the scan holds O(b*d*L) memory like the CUDA kernel, never the
     (b, d, L, n) states: the PyTorch scan its inputs and the (rows, d, n) state entering each tile, the
     C scan its inputs, B and C transposed, and the state entering each chunk of CHUNK positions."""
@@ -106,7 +119,7 @@ def test_keeps_memory_linear_in_length_between_forward_and_backward(monkeypatch,
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         selective_scan_fn(**inputs)
     input_bytes = sum(t.untyped_storage().nbytes() for t in inputs.values())
-    if scan_path == "pytorch":
+    if cpu_path == "pytorch":
         extra = 20 * 2 * d * n * 4
     else:
         extra = (inputs["B"].nbytes + inputs["C"].nbytes) + batch * d * -(-length // cpu_kernel.CHUNK) * n * 4
@@ -114,7 +127,7 @@ def test_keeps_memory_linear_in_length_between_forward_and_backward(monkeypatch,
     assert sum(storages.values()) >= input_bytes  # the hook saw what the scan saves
 
 
-def test_long_sequence_of_strongly_decaying_states_stays_finite(scan_path):
+def test_long_sequence_of_strongly_decaying_states_stays_finite(cpu_path):
     """Large steps times large |A| decay states to zero within a few positions: no overflow."""
     inputs = make_inputs(1, 4, 4000, 16, seed=3)
     inputs["delta"] = inputs["delta"].abs() * 20
@@ -123,7 +136,7 @@ def test_long_sequence_of_strongly_decaying_states_stays_finite(scan_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_inputs_accumulate_in_float32(dtype, scan_path):
+def test_low_precision_inputs_accumulate_in_float32(dtype, cpu_path):
     inputs = make_inputs(2, 4, 300, 8, seed=4)
     low = {k: v.to(dtype) for k, v in inputs.items()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -134,7 +147,7 @@ def test_low_precision_inputs_accumulate_in_float32(dtype, scan_path):
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-2, atol=1e-2 * y_ref.abs().max().item())
 
 
-def test_matches_mamba_ssm_selective_scan_ref(mamba_ssm, scan_path):
+def test_matches_mamba_ssm_selective_scan_ref(mamba_ssm, cpu_path):
     for groups in (None, 2):
         inputs = make_inputs(2, 8, 150, 16, groups, seed=5)
         kwargs = dict(D=inputs["D"], z=inputs["z"], delta_bias=inputs["delta_bias"], delta_softplus=True,
@@ -192,11 +205,11 @@ def kernel_cache(tmp_path, monkeypatch):
 def test_without_a_working_compiler_the_pytorch_scan_runs_and_the_reason_is_given(kernel_cache, monkeypatch):
     monkeypatch.setenv("CC", "false")
     assert cpu_kernel.cpu_kernel_off_reason().startswith(
-        "false failed to build selective_scan.c (exit status 1)")
+        "false failed to build mamba.c (exit status 1)")
     check_against_loop(make_inputs(2, 4, 77, 6, seed=7), optional=("D",), softplus=True)
     cpu_kernel._load.cache_clear()
     monkeypatch.setenv("CC", str(kernel_cache / "no-such-compiler"))
-    assert cpu_kernel.cpu_kernel_off_reason().startswith("cannot build selective_scan.c with")
+    assert cpu_kernel.cpu_kernel_off_reason().startswith("cannot build mamba.c with")
     assert not list(kernel_cache.iterdir())  # a failed build leaves nothing behind
     cpu_kernel._load.cache_clear()
     monkeypatch.delenv("CC")

@@ -2,7 +2,9 @@
 
 `Mamba` has mamba_ssm.Mamba's constructor, parameter names, shapes and initialisation, so a state
 dict moves between the two unchanged. It runs on any device: the selective scan is
-`nnunet_ext.ops.selective_scan_fn`, which uses mamba_ssm's CUDA kernel when one is available.
+`nnunet_ext.ops.selective_scan_fn`, which uses mamba_ssm's CUDA kernel when one is available, and
+the convolution `nnunet_ext.ops.causal_conv1d_silu`; on CPU both run compiled loops where a C
+compiler is at hand.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_ext.ops.causal_conv import causal_conv1d_silu
 from nnunet_ext.ops.selective_scan import selective_scan_fn
 
 
@@ -74,12 +77,30 @@ class Mamba(nn.Module):
                                       "call it on whole sequences (inference_params=None).")
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f"Mamba expects (batch, length, {self.d_model}), got {tuple(hidden_states.shape)}.")
-        length = hidden_states.shape[1]
-        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, l) each
-        x = F.silu(self.conv1d(x)[..., :length])
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias is added inside the scan
-        A = -torch.exp(self.A_log.float())
-        y = selective_scan_fn(x, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
+        batch, length, _ = hidden_states.shape
+        # Channels first over all tokens, (d, batch * length), as mamba_ssm's fused path lays them out:
+        # every projection is one matrix product, and the convolution and the scan read their
+        # (batch, d, length) views of it without a transposed copy.
+        tokens = hidden_states.reshape(batch * length, self.d_model).t()
+        xz = self.in_proj.weight @ tokens
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias[:, None]
+        x, z = (self._sequences(t, batch) for t in xz.chunk(2))
+        x = causal_conv1d_silu(x, self.conv1d.weight[:, 0], self.conv1d.bias)
+        x_dbl = self.x_proj.weight @ self._tokens(x)
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state])
+        delta = self.dt_proj.weight @ dt  # the bias is added inside the scan
+        y = selective_scan_fn(x, self._sequences(delta, batch), -torch.exp(self.A_log.float()),
+                              self._sequences(B, batch), self._sequences(C, batch), self.D.float(), z=z,
                               delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
-        return self.out_proj(y.transpose(1, 2))
+        return F.linear(self._tokens(y).t(), self.out_proj.weight, self.out_proj.bias).view(batch, length, -1)
+
+    @staticmethod
+    def _sequences(t: torch.Tensor, batch: int) -> torch.Tensor:
+        """(d, batch * length) -> a (batch, d, length) view."""
+        return t.view(t.shape[0], batch, -1).transpose(0, 1)
+
+    @staticmethod
+    def _tokens(t: torch.Tensor) -> torch.Tensor:
+        """(batch, d, length) -> (d, batch * length), a view when t is one of `_sequences`."""
+        return t.transpose(0, 1).reshape(t.shape[1], -1)

@@ -1,9 +1,11 @@
-"""The fused CPU selective scan (csrc/selective_scan.c): compiled on first use, called through ctypes.
+"""The compiled CPU loops of a Mamba layer (csrc/mamba.c: the selective scan with everything around it,
+and the causal convolution with its SiLU): compiled on first use, called through ctypes.
 
 A C compiler is all it needs: no PyTorch headers, no ninja, about a second to build. The library is
 cached under NNUNET_EXT_CACHE (default ~/.cache/nnunet_ext), named by a hash of the source, the flags
 and the CPU, so a cluster sharing one home folder never loads a build for another processor.
-Without a compiler `selective_scan_fn` keeps the PyTorch scan, and `cpu_kernel_off_reason` says why.
+Without a compiler `selective_scan_fn` and `causal_conv1d_silu` keep their PyTorch paths, and
+`cpu_kernel_off_reason` says why.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "selective_scan.c"
+SOURCE = Path(__file__).with_name("csrc") / "mamba.c"
 # -ffast-math lets gcc call glibc's vectorised expf and reorder the d_state sums. It is given to the
 # compile step only: linked with it, gcc before 13 adds crtfastmath.o, which switches the whole
 # process to flushing denormals when the library loads. -march=native is safe because the cache key
@@ -42,11 +44,12 @@ _enabled = env_switch(_ENV)
 
 
 class _Dims(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int64) for name in ("batch", "d", "groups", "n", "length", "chunk", "parts")]
+    _fields_ = [(name, ctypes.c_int64) for name in ("batch", "d", "groups", "n", "length", "chunk", "parts",
+                                                    "softplus", "batch_stride", "channel_stride", "width")]
 
 
 def use_cpu_kernel(enabled: bool) -> None:
-    """Allow (default) or forbid the compiled CPU scan; forbidden, CPU tensors take the PyTorch scan."""
+    """Allow (default) or forbid the compiled CPU loops; forbidden, CPU tensors take the PyTorch paths."""
     global _enabled
     _enabled = bool(enabled)
 
@@ -66,7 +69,7 @@ def _build(compiler: list[str], library: Path) -> str | None:
         library.parent.mkdir(parents=True, exist_ok=True)
         # build aside, then rename: other processes see no library or a whole one
         with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
-            obj, built = Path(tmp) / "selective_scan.o", Path(tmp) / library.name
+            obj, built = Path(tmp) / "mamba.o", Path(tmp) / library.name
             for command in ([*compiler, *COMPILE_FLAGS, str(SOURCE), "-o", str(obj)],
                             [*compiler, *LINK_FLAGS, str(obj), "-o", str(built), "-lm"]):
                 result = subprocess.run(command, capture_output=True, text=True)
@@ -91,7 +94,7 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(COMPILE_FLAGS + LINK_FLAGS).encode(),
                                      _cpu_name().encode(), platform.machine().encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("NNUNET_EXT_CACHE", Path.home() / ".cache" / "nnunet_ext"))
-    library = cache / f"selective_scan_{key}.so"
+    library = cache / f"mamba_{key}.so"
     if not library.exists():
         error = _build(compiler, library)
         if error:
@@ -101,14 +104,17 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     except OSError as e:  # for example a cache on a filesystem mounted noexec
         return None, f"cannot load {library} ({e}); point NNUNET_EXT_CACHE to another folder"
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.scan_forward.argtypes = [ctypes.POINTER(_Dims), i64, i64, i64] + [ptr] * 8
-    lib.scan_backward.argtypes = [ctypes.POINTER(_Dims), i64, i64, i64, i64] + [ptr] * 13
-    lib.scan_forward.restype = lib.scan_backward.restype = None
+    lib.scan_forward.argtypes = [ctypes.POINTER(_Dims), i64, i64, i64] + [ptr] * 11
+    lib.scan_backward.argtypes = [ctypes.POINTER(_Dims), i64, i64, i64, i64] + [ptr] * 19
+    lib.conv_forward.argtypes = [ctypes.POINTER(_Dims), i64, i64, i64] + [ptr] * 4
+    lib.conv_backward.argtypes = [ctypes.POINTER(_Dims), i64, i64, i64] + [ptr] * 7
+    for function in (lib.scan_forward, lib.scan_backward, lib.conv_forward, lib.conv_backward):
+        function.restype = None
     return lib, None
 
 
 def cpu_kernel_off_reason() -> str | None:
-    """Why CPU tensors would take the PyTorch scan instead of the compiled one; None when they would not."""
+    """Why CPU tensors would take the PyTorch paths instead of the compiled loops; None when they would not."""
     if not _enabled:
         return f"switched off by {_ENV}=0 or use_cpu_kernel(False)"
     return _load()[1]
@@ -153,43 +159,114 @@ def _ptr(t: torch.Tensor | None):
     return ctypes.c_void_p(t.data_ptr() if t is not None else None)
 
 
-class CompiledScan(torch.autograd.Function):
-    """Same contract as selective_scan._SelectiveScan: float32 u, delta (b, d, L), A (d, n),
-    B, C (b, g, n, L); returns y (b, d, L) and the last state (b, d, n)."""
+def _layout(*sequences: torch.Tensor | None) -> tuple[list, tuple[int, int]]:
+    """The (batch, d, L) tensors and their (batch, channel) strides, which is how the C loops address
+    them: as they are when all share one dense layout, contiguous (b, d, L) or mamba_ssm's "d (b l)",
+    else contiguous copies."""
+    present = [t for t in sequences if t is not None]
+    batch, d, length = present[0].shape
+    layouts = {(d * length, length, 1), (length, batch * length, 1)}
+    strides = {t.stride() for t in present}
+    if len(strides) != 1 or not strides <= layouts:
+        sequences = [None if t is None else t.contiguous() for t in sequences]
+        strides = {(d * length, length, 1)}
+    return list(sequences), strides.pop()[:2]
+
+
+def _like(t: torch.Tensor, strides: tuple[int, int]) -> torch.Tensor:
+    """An empty float32 tensor of t's (batch, d, L) shape laid out with `strides`."""
+    return torch.empty_strided(t.shape, (*strides, 1), dtype=torch.float32)
+
+
+def _in_layout(t: torch.Tensor, strides: tuple[int, int]) -> torch.Tensor:
+    """t as float32 with `strides`, copied only if it is not already."""
+    if t.dtype == torch.float32 and t.stride() == (*strides, 1):
+        return t
+    return _like(t, strides).copy_(t)
+
+
+def _dims(t: torch.Tensor, strides: tuple[int, int], groups: int = 1, n: int = 0, parts: int = 1,
+          softplus: bool = False, width: int = 0) -> _Dims:
+    batch, d, length = t.shape
+    return _Dims(batch, d, groups, n, length, CHUNK, parts, softplus, *strides, width)
+
+
+class CompiledCausalConv(torch.autograd.Function):
+    """causal_conv1d_silu for float32 CPU tensors: x (b, d, L), weight (d, width), bias (d,) or None;
+    the output has x's layout."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C):
+    def forward(ctx, x, weight, bias):
+        lib = _load()[0]
+        (x,), strides = _layout(x)
+        weight, bias = weight.contiguous(), None if bias is None else bias.contiguous()
+        dims = _dims(x, strides, width=weight.shape[1])
+        u = _like(x, strides)
+        args = [_ptr(t) for t in (x, weight, bias, u)]
+        _run([lambda b=b, lo=lo, hi=hi: lib.conv_forward(ctypes.byref(dims), b, lo, hi, *args)
+              for b, lo, hi, _ in _work(x.shape[0], x.shape[1], 1)[1]])
+        ctx.save_for_backward(x, weight, bias)
+        ctx.strides = strides
+        return u
+
+    @staticmethod
+    def backward(ctx, grad_u):
+        lib = _load()[0]
+        x, weight, bias = ctx.saved_tensors
+        batch, d, _ = x.shape
+        dims = _dims(x, ctx.strides, width=weight.shape[1])
+        grad_u = _in_layout(grad_u, ctx.strides)
+        dx, dw, dbias = _like(x, ctx.strides), x.new_empty(batch, d, weight.shape[1]), x.new_empty(batch, d)
+        args = [_ptr(t) for t in (x, weight, bias, grad_u, dx, dw, dbias)]
+        _run([lambda b=b, lo=lo, hi=hi: lib.conv_backward(ctypes.byref(dims), b, lo, hi, *args)
+              for b, lo, hi, _ in _work(batch, d, 1)[1]])
+        return dx, dw.sum(0), None if bias is None else dbias.sum(0)
+
+
+class CompiledScan(torch.autograd.Function):
+    """selective_scan_fn's whole computation for float32 CPU tensors: u, delta, z (b, d, L); A (d, n);
+    B, C (b, g, n, L); D, delta_bias (d,) or None; softplus a bool. Returns the output (b, d, L) in
+    the layout of u, delta and z, and the last state (b, d, n)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
         lib = _load()[0]
         batch, d, length = u.shape
         groups, n = B.shape[1], A.shape[1]
-        u, delta, A = u.contiguous(), delta.contiguous(), A.contiguous()
+        (u, delta, z), strides = _layout(u, delta, z)
+        A, D, delta_bias = (None if t is None else t.contiguous() for t in (A, D, delta_bias))
         B_t, C_t = B.transpose(-1, -2).contiguous(), C.transpose(-1, -2).contiguous()  # (b, g, L, n)
         parts, items = _work(batch, d, groups)
-        dims = _Dims(batch, d, groups, n, length, CHUNK, parts)
-        y = u.new_empty(batch, d, length)
+        dims = _dims(u, strides, groups, n, parts, softplus)
+        out = _like(u, strides)
         states = u.new_empty(batch, d, -(-length // CHUNK), n)
         last = u.new_empty(batch, d, n)
-        args = [_ptr(t) for t in (u, delta, A, B_t, C_t, y, states, last)]
+        args = [_ptr(t) for t in (u, delta, delta_bias, A, B_t, C_t, D, z, out, states, last)]
         _run([lambda b=b, lo=lo, hi=hi: lib.scan_forward(ctypes.byref(dims), b, lo, hi, *args)
               for b, lo, hi, _ in items])
-        ctx.save_for_backward(u, delta, A, B_t, C_t, states)
-        return y, last
+        ctx.save_for_backward(u, delta, delta_bias, A, B_t, C_t, D, z, states)
+        ctx.softplus, ctx.strides = softplus, strides
+        return out, last
 
     @staticmethod
-    def backward(ctx, grad_y, grad_last):
+    def backward(ctx, grad_out, grad_last):
         lib = _load()[0]
-        u, delta, A, B_t, C_t, states = ctx.saved_tensors
+        u, delta, delta_bias, A, B_t, C_t, D, z, states = ctx.saved_tensors
         batch, d, length = u.shape
         groups, n = B_t.shape[1], A.shape[1]
         parts, items = _work(batch, d, groups)
-        dims = _Dims(batch, d, groups, n, length, CHUNK, parts)
-        grad_y = grad_y.float().contiguous()
+        dims = _dims(u, ctx.strides, groups, n, parts, ctx.softplus)
+        grad_out = _in_layout(grad_out, ctx.strides)
         grad_last = None if grad_last is None else grad_last.float().contiguous()
-        du, ddelta = torch.empty_like(u), torch.empty_like(u)
+        du, ddelta = _like(u, ctx.strides), _like(u, ctx.strides)
+        dz = None if z is None else _like(u, ctx.strides)
         dA = u.new_empty(batch, d, n)
+        dD, ddelta_bias = u.new_empty(batch, d), u.new_empty(batch, d)
         dB = u.new_zeros(batch, groups, parts, length, n)
         dC = u.new_zeros(batch, groups, parts, length, n)
-        args = [_ptr(t) for t in (u, delta, A, B_t, C_t, states, grad_y, grad_last, du, ddelta, dA, dB, dC)]
+        args = [_ptr(t) for t in (u, delta, delta_bias, A, B_t, C_t, D, z, states, grad_out, grad_last,
+                                  du, ddelta, dA, dB, dC, dD, ddelta_bias, dz)]
         _run([lambda b=b, lo=lo, hi=hi, p=p: lib.scan_backward(ctypes.byref(dims), b, lo, hi, p, *args)
               for b, lo, hi, p in items])
-        return du, ddelta, dA.sum(0), dB.sum(2).transpose(-1, -2), dC.sum(2).transpose(-1, -2)
+        return (du, ddelta, dA.sum(0), dB.sum(2).transpose(-1, -2), dC.sum(2).transpose(-1, -2),
+                None if D is None else dD.sum(0), dz, None if delta_bias is None else ddelta_bias.sum(0), None)

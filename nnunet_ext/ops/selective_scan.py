@@ -7,9 +7,9 @@ The recurrence (mamba_ssm `selective_scan_ref` semantics), per batch b, channel 
 
 `selective_scan_fn` dispatches to mamba_ssm's CUDA kernel when mamba-ssm is installed, the tensors
 are on CUDA and the kernels are not switched off (`use_kernels(False)` or the environment variable
-NNUNET_EXT_MAMBA_KERNELS=0). CPU tensors take the fused C loop of `nnunet_ext.ops.cpu_kernel` where a C
-compiler can build it (off with `use_cpu_kernel(False)` or NNUNET_EXT_CPU_KERNEL=0). Everything else
-runs `_SelectiveScan`, which
+NNUNET_EXT_MAMBA_KERNELS=0). CPU tensors take the fused C loop of `nnunet_ext.ops.cpu_kernel`, which
+also applies delta_bias, softplus, D and the gate, where a C compiler can build it (off with
+`use_cpu_kernel(False)` or NNUNET_EXT_CPU_KERNEL=0). Everything else runs `_SelectiveScan`, which
 
 - accumulates states and products in float32 whatever the input dtype or autocast;
 - never loops over the sequence in Python: a tile of L positions is cut into chunks of about
@@ -22,11 +22,13 @@ runs `_SelectiveScan`, which
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
+from nnunet_ext.ops import cpu_kernel
 from nnunet_ext.ops.cpu_kernel import CompiledScan, cpu_kernel_available, env_switch
 
 # States (row, channel, position, n) materialised at once per tile; about six tensors of that size
@@ -66,6 +68,20 @@ def kernels_off_reason() -> str | None:
     return _import_kernels()[1]
 
 
+@contextlib.contextmanager
+def pytorch_paths_only():
+    """Inside the block, Mamba's ops take their PyTorch paths: neither the compiled CPU loops nor
+    mamba_ssm's kernels. That is what a device without either runs, and it needs the most memory."""
+    saved = cpu_kernel._enabled, _use_kernels
+    cpu_kernel.use_cpu_kernel(False)
+    use_kernels(False)
+    try:
+        yield
+    finally:
+        cpu_kernel.use_cpu_kernel(saved[0])
+        use_kernels(saved[1])
+
+
 # torch.compile runs the rest of a network compiled and calls the scan as it is: tracing would unroll
 # its loops over chunk positions into graphs of thousands of nodes (and the CUDA kernel cannot be traced).
 @torch.compiler.disable
@@ -84,19 +100,22 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
             return kernels.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                              return_last_state)
     dtype_in = u.dtype
+    f32 = (lambda t: None if t is None else t.float())
     with torch.autocast(u.device.type, enabled=False):
-        u32, delta32 = u.float(), delta.float()
-        if delta_bias is not None:
-            delta32 = delta32 + delta_bias.float()[:, None]
-        if delta_softplus:
-            delta32 = F.softplus(delta32)
-        as_groups = (lambda t: t.float() if t.dim() == 4 else t.float().unsqueeze(1))
-        scan = CompiledScan if u.device.type == "cpu" and cpu_kernel_available() else _SelectiveScan
-        y, last_state = scan.apply(u32, delta32, A.float(), as_groups(B), as_groups(C))
-        if D is not None:
-            y = y + u32 * D.float()[:, None]
-        if z is not None:
-            y = y * F.silu(z.float())
+        u32, delta32, A32, D32, z32, bias32 = (f32(t) for t in (u, delta, A, D, z, delta_bias))
+        B32, C32 = (t.float() if t.dim() == 4 else t.float().unsqueeze(1) for t in (B, C))
+        if u.device.type == "cpu" and cpu_kernel_available():
+            y, last_state = CompiledScan.apply(u32, delta32, A32, B32, C32, D32, z32, bias32, delta_softplus)
+        else:
+            if bias32 is not None:
+                delta32 = delta32 + bias32[:, None]
+            if delta_softplus:
+                delta32 = F.softplus(delta32)
+            y, last_state = _SelectiveScan.apply(u32, delta32, A32, B32, C32)
+            if D32 is not None:
+                y = y + u32 * D32[:, None]
+            if z32 is not None:
+                y = y * F.silu(z32)
     out = y.to(dtype_in)
     return (out, last_state) if return_last_state else out
 
