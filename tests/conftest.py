@@ -128,6 +128,14 @@ def channels_first(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1).contiguous().transpose(0, 1)
 
 
+def assert_gradients_close(names, grads, grads_ref, rtol: float = 1e-4, atol_scale: float = 1e-5) -> None:
+    """Each gradient matches its float64 reference, up to `atol_scale` times the reference's largest entry."""
+    for name, got, expected in zip(names, grads, grads_ref):
+        torch.testing.assert_close(got.double(), expected.double(), rtol=rtol,
+                                   atol=atol_scale * expected.abs().max().item(),
+                                   msg=lambda m: f"gradient of {name}: {m}")
+
+
 @pytest.fixture(params=["compiled", "pytorch"])
 def cpu_path(request, monkeypatch):
     """Run a test on the compiled CPU loops of a Mamba layer, which a machine with a C compiler (CI's)

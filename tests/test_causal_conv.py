@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import channels_first
+from conftest import assert_gradients_close, channels_first
 from nnunet_ext.ops.causal_conv import causal_conv1d_silu
 
 
@@ -44,9 +44,7 @@ def test_matches_shifted_sum_with_gradients(batch, d, length, width, bias, layou
     inputs = [t for t in (x, weight, b) if t is not None]
     grads = torch.autograd.grad((out * w.float()).sum(), inputs)
     grads_ref = torch.autograd.grad((ref * w).sum(), inputs)
-    for name, got, expected in zip(("x", "weight", "bias"), grads, grads_ref):
-        torch.testing.assert_close(got.double(), expected.double(), rtol=1e-4, atol=1e-5 * expected.abs().max().item(),
-                                   msg=lambda m: f"gradient of {name}: {m}")
+    assert_gradients_close(("x", "weight", "bias"), grads, grads_ref)
 
 
 def test_keeps_the_input_dtype(cpu_path):

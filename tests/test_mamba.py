@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import assert_gradients_close
 from nnunet_ext.blocks.mamba import Mamba
 
 
@@ -56,9 +57,7 @@ def test_gradients_match_token_by_token_recurrence(bias, cpu_path):
     inputs = [x, *m.parameters()]
     grads = torch.autograd.grad((m(x) * w.float()).sum(), inputs)
     grads_ref = torch.autograd.grad((stepwise_mamba(m, x) * w).sum(), inputs)
-    for name, got, expected in zip(["x", *dict(m.named_parameters())], grads, grads_ref):
-        torch.testing.assert_close(got.double(), expected.double(), rtol=1e-4, atol=1e-5 * expected.abs().max().item(),
-                                   msg=lambda msg: f"gradient of {name}: {msg}")
+    assert_gradients_close(["x", *dict(m.named_parameters())], grads, grads_ref)
 
 
 def test_state_dicts_move_both_ways_with_mamba_ssm(mamba_ssm):

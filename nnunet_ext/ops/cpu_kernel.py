@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
@@ -130,8 +130,11 @@ def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="nnunet_ext_scan")
 
 
-def _run(calls) -> None:
-    """Run the C calls on torch's number of threads; ctypes releases the GIL while C runs."""
+def _run(function, dims: _Dims, items, args, with_part: bool = False) -> None:
+    """Call the C `function` once per work item of `_work` (its part too when `with_part`) on torch's
+    number of threads; ctypes releases the GIL while C runs."""
+    calls = [partial(function, ctypes.byref(dims), b, lo, hi, *((p,) if with_part else ()), *args)
+             for b, lo, hi, p in items]
     threads = torch.get_num_threads()
     if threads == 1 or len(calls) == 1:
         for call in calls:
@@ -203,8 +206,7 @@ class CompiledCausalConv(torch.autograd.Function):
         dims = _dims(x, strides, width=weight.shape[1])
         u = _like(x, strides)
         args = [_ptr(t) for t in (x, weight, bias, u)]
-        _run([lambda b=b, lo=lo, hi=hi: lib.conv_forward(ctypes.byref(dims), b, lo, hi, *args)
-              for b, lo, hi, _ in _work(x.shape[0], x.shape[1], 1)[1]])
+        _run(lib.conv_forward, dims, _work(x.shape[0], x.shape[1], 1)[1], args)
         ctx.save_for_backward(x, weight, bias)
         ctx.strides = strides
         return u
@@ -218,8 +220,7 @@ class CompiledCausalConv(torch.autograd.Function):
         grad_u = _in_layout(grad_u, ctx.strides)
         dx, dw, dbias = _like(x, ctx.strides), x.new_empty(batch, d, weight.shape[1]), x.new_empty(batch, d)
         args = [_ptr(t) for t in (x, weight, bias, grad_u, dx, dw, dbias)]
-        _run([lambda b=b, lo=lo, hi=hi: lib.conv_backward(ctypes.byref(dims), b, lo, hi, *args)
-              for b, lo, hi, _ in _work(batch, d, 1)[1]])
+        _run(lib.conv_backward, dims, _work(batch, d, 1)[1], args)
         return dx, dw.sum(0), None if bias is None else dbias.sum(0)
 
 
@@ -242,8 +243,7 @@ class CompiledScan(torch.autograd.Function):
         states = u.new_empty(batch, d, -(-length // CHUNK), n)
         last = u.new_empty(batch, d, n)
         args = [_ptr(t) for t in (u, delta, delta_bias, A, B_t, C_t, D, z, out, states, last)]
-        _run([lambda b=b, lo=lo, hi=hi: lib.scan_forward(ctypes.byref(dims), b, lo, hi, *args)
-              for b, lo, hi, _ in items])
+        _run(lib.scan_forward, dims, items, args)
         ctx.save_for_backward(u, delta, delta_bias, A, B_t, C_t, D, z, states)
         ctx.softplus, ctx.strides = softplus, strides
         return out, last
@@ -266,7 +266,6 @@ class CompiledScan(torch.autograd.Function):
         dC = u.new_zeros(batch, groups, parts, length, n)
         args = [_ptr(t) for t in (u, delta, delta_bias, A, B_t, C_t, D, z, states, grad_out, grad_last,
                                   du, ddelta, dA, dB, dC, dD, ddelta_bias, dz)]
-        _run([lambda b=b, lo=lo, hi=hi, p=p: lib.scan_backward(ctypes.byref(dims), b, lo, hi, p, *args)
-              for b, lo, hi, p in items])
+        _run(lib.scan_backward, dims, items, args, with_part=True)
         return (du, ddelta, dA.sum(0), dB.sum(2).transpose(-1, -2), dC.sum(2).transpose(-1, -2),
                 None if D is None else dD.sum(0), dz, None if delta_bias is None else ddelta_bias.sum(0), None)
