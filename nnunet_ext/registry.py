@@ -1,20 +1,42 @@
-"""The one registry of architectures: trainers, tests, `nnunet-ext list` and benchmarks read it.
+"""The one registry of architectures: the trainers, the tools and the tests all read it.
 
-Adding an architecture is one network module, one `register(...)` call here and a few lines of
-trainer in `nnunet_ext/trainers.py`. Network classes are imported only when built, so reading the
-registry never imports an optional dependency.
+An architecture is one network module in `nnunet_ext/networks/` and one `register(...)` entry here.
+From the entry come its trainer classes (`nnunet_ext.trainers`: its trainer, one per preset, and the
+short schedules of each), its rows in `nnunet-ext list`, `doctor` and `benchmark`, and the contract
+tests. Its options and their defaults are the network constructor's keyword arguments; its memory
+model is measured by `nnunet-ext benchmark-memory --fit --write` (nnunet_ext/memory_models.json).
+
+Plain Python: a network class, a trainer recipe and a fast path's probe are imported only when
+used, so reading the registry imports neither torch nor any optional dependency.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
-import importlib.util
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from nnunet_ext.memory import MemoryModel
-from nnunet_ext.topology import PlansError, Topology
+from nnunet_ext import memory_models
+from nnunet_ext.errors import ConfigurationError
+
+# Short schedules every trainer also comes in, as `<trainer>_<name>`: (epochs, training iterations per
+# epoch, validation iterations per epoch). `real` is the CPU schedule of `nnunet-ext real-data`
+# (docs/results.md: under an hour per dataset on 2 cores).
+SCHEDULES = {"debug": (1, 5, 2), "demo": (4, 10, 3), "real": (12, 10, 2)}
+
+# The arguments every network class takes before its options.
+NETWORK_ARGUMENTS = ("self", "topology", "input_channels", "num_classes", "deep_supervision")
+
+
+def import_object(path: str, what: str):
+    """The object at "module:name"; ImportError naming `what` needs it where it cannot be imported."""
+    module, _, name = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ImportError(f"{what} names '{path}', which cannot be imported: {e}") from e
 
 
 @dataclass(frozen=True)
@@ -28,8 +50,7 @@ class FastPath:
 
     def missing(self) -> list[str]:
         """Why this path is off on this machine; empty when active."""
-        module, function = self.probe.split(":")
-        reason = getattr(importlib.import_module(module), function)()
+        reason = import_object(self.probe, f"Fast path '{self.name}'")()
         missing = [reason] if reason else []
         if self.device == "cuda":
             import torch
@@ -46,42 +67,110 @@ def fast_path_state(missing: list[str]) -> str:
 
 @dataclass(frozen=True)
 class Architecture:
+    """One registered architecture.
+
+    name: lower_case, used by the commands (`-a NAME`) and in file names.
+    trainer: the class name nnU-Net looks up (`-tr`); it must start with nnUNetTrainer.
+    network: "module:Class", taking (topology, input_channels, num_classes, deep_supervision,
+        **options), every option with its default in the signature.
+    dims: the spatial dimensions it is built for (2, 3).
+    recipe: "module:Class" of the trainer class its trainers derive from: nnunet_ext.trainers.base's
+        nnUNetExtTrainer (nnU-Net's optimiser and schedule), or a hand-written one where the
+        published recipe differs (nnunet_ext/trainers/recipes.py).
+    presets: named sets of options, each with a trainer of its own, `<trainer><Name>` (`official`
+        gives nnUNetTrainer<...>Official).
+    fast_paths: optional accelerated code paths, reported by `list`, `doctor` and the training log.
+    """
+
     name: str
     trainer: str
-    network: str  # "module:Class"; the class takes (topology, input_channels, num_classes, deep_supervision, **options)
+    network: str
     dims: tuple[int, ...]
     summary: str
     reference: str
-    options: Mapping[str, Any] = field(default_factory=dict)
+    recipe: str = "nnunet_ext.trainers.base:nnUNetExtTrainer"
+    presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     fast_paths: tuple[FastPath, ...] = ()
-    # Training memory per dimension, fitted by `nnunet-ext benchmark-memory --fit` (nnunet_ext.memory);
-    # the planner sizes patch and batch with it.
-    memory: Mapping[int, MemoryModel] = field(default_factory=dict)
+
+    def __post_init__(self):
+        problems = []
+        if not (self.name.isidentifier() and self.name == self.name.lower()):
+            problems.append(f"name '{self.name}' must be a lower-case identifier")
+        if not (self.trainer.isidentifier() and self.trainer.startswith("nnUNetTrainer")):
+            problems.append(f"trainer '{self.trainer}' must be an identifier starting with nnUNetTrainer")
+        if not self.dims or not set(self.dims) <= {2, 3}:
+            problems.append(f"dims {self.dims} must name 2, 3 or both")
+        for what in ("network", "recipe"):
+            if ":" not in getattr(self, what):
+                problems.append(f"{what} '{getattr(self, what)}' must read 'module:Class'")
+        problems += [f"preset name '{p}' must be a lower-case identifier" for p in self.presets
+                     if not (p.isidentifier() and p == p.lower())]
+        if problems:
+            raise ValueError(f"Architecture '{self.name}' cannot be registered: {'; '.join(problems)}.")
 
     def network_class(self) -> type:
-        module, cls = self.network.split(":")
-        return getattr(importlib.import_module(module), cls)
+        return import_object(self.network, f"Architecture '{self.name}'")
 
-    def build(self, topology: Topology, input_channels: int, num_classes: int,
-              deep_supervision: bool = True, **options):
-        """Build the network on `topology`; `options` override the registered defaults."""
+    def recipe_class(self) -> type:
+        return import_object(self.recipe, f"Architecture '{self.name}'")
+
+    def options(self) -> dict[str, Any]:
+        """Every option and its default, read from the network constructor's signature."""
+        parameters = list(inspect.signature(self.network_class().__init__).parameters.values())
+        names = tuple(p.name for p in parameters[:len(NETWORK_ARGUMENTS)])
+        if names != NETWORK_ARGUMENTS:
+            raise TypeError(f"{self.network} must take {', '.join(NETWORK_ARGUMENTS[1:])} first, then its options; "
+                            f"it takes {', '.join(names[1:])}.")
+        options = parameters[len(NETWORK_ARGUMENTS):]
+        without = [p.name for p in options if p.default is inspect.Parameter.empty]
+        if without:
+            raise TypeError(f"{self.network}: every option needs a default in the signature; {without} have none.")
+        return {p.name: p.default for p in options}
+
+    def build(self, topology, input_channels: int, num_classes: int, deep_supervision: bool = True, **options):
+        """Build the network on `topology` (nnunet_ext.topology.Topology); `options` override the defaults."""
         if topology.dim not in self.dims:
-            raise PlansError(f"Architecture '{self.name}' supports {'/'.join(f'{d}D' for d in self.dims)} "
-                             f"configurations, but these plans are {topology.dim}D.")
-        unknown = set(options) - set(self.options)
+            raise ConfigurationError(f"Architecture '{self.name}' supports "
+                                     f"{'/'.join(f'{d}D' for d in self.dims)} configurations, but these plans are "
+                                     f"{topology.dim}D.")
+        known = self.options()
+        unknown = sorted(set(options) - set(known))
         if unknown:
-            raise TypeError(f"Unknown option(s) {sorted(unknown)} for '{self.name}'; "
-                            f"known: {sorted(self.options)}.")
-        return self.network_class()(topology, input_channels, num_classes,
-                                    deep_supervision=deep_supervision, **{**self.options, **options})
+            raise ConfigurationError(f"unknown for '{self.name}'; known: {sorted(known)}.", ", ".join(unknown))
+        return self.network_class()(topology, input_channels, num_classes, deep_supervision=deep_supervision,
+                                    **options)
+
+    def preset_trainer(self, preset: str) -> str:
+        """The trainer of a preset: `official` of nnUNetTrainerLKMUNet is nnUNetTrainerLKMUNetOfficial."""
+        return self.trainer + "".join(part.capitalize() for part in preset.split("_"))
+
+    def trainers(self) -> list[str]:
+        """Its trainer classes: the architecture's, then one per preset."""
+        return [self.trainer, *(self.preset_trainer(p) for p in self.presets)]
+
+    def trainer_names(self) -> list[str]:
+        """Every trainer class generated from this entry: `trainers()` and their short schedules."""
+        return [*self.trainers(), *(f"{t}_{s}" for t in self.trainers() for s in SCHEDULES)]
+
+    def memory_model(self, dim: int) -> memory_models.MemoryModel:
+        """The training-memory model `nnunet-ext plan` sizes patches with (nnunet_ext/memory_models.json)."""
+        return memory_models.memory_model(self.name, dim)
+
+    def plans_name(self, gpu_memory: float) -> str:
+        """The plans `nnunet-ext plan` writes for a GPU target: nnUNetPlans_LKMUNet_24G, for example."""
+        return f"nnUNetPlans_{self.trainer.removeprefix('nnUNetTrainer')}_{gpu_memory:g}G"
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
 
 
 def register(arch: Architecture) -> Architecture:
+    taken = {t: a.name for a in ARCHITECTURES.values() for t in a.trainers()}
     if arch.name in ARCHITECTURES:
         raise ValueError(f"Architecture '{arch.name}' is registered twice.")
+    clash = [t for t in arch.trainers() if t in taken]
+    if clash:
+        raise ValueError(f"Architecture '{arch.name}': trainer {clash[0]} is already {taken[clash[0]]}'s.")
     ARCHITECTURES[arch.name] = arch
     return arch
 
@@ -104,8 +193,6 @@ register(Architecture(
     summary="nnU-Net's U-Net with additive attention gates on every skip and non-local "
             "self-attention at the low-resolution stages",
     reference="Oktay et al., Attention U-Net, MIDL 2018; seed 002 (self-attention)",
-    options={"self_attention_max_tokens": 4096, "attention_gates": True},
-    memory={2: MemoryModel(8.455, 10.78, 0.0), 3: MemoryModel(9.196, 9.6, 1.709)},
 ))
 
 register(Architecture(
@@ -116,11 +203,8 @@ register(Architecture(
     summary="residual U-Net whose encoder stages end in large-kernel bidirectional Mamba: over the "
             "pixels of large windows (PiM), then over one token per window (PaM)",
     reference="Wang et al., LKM-UNet, MICCAI 2024; seed 004",
-    options={"window_sizes": None, "window_layout": "contiguous", "d_state": 16, "d_conv": 4, "expand": 2,
-             "pixel_mamba": True, "patch_mamba": True, "bidirectional": True, "zero_init_decoder": False},
     fast_paths=(FastPath("mamba-ssm CUDA selective scan", "nnunet_ext.ops.selective_scan:kernels_off_reason"),
                 FastPath("compiled CPU Mamba loops", "nnunet_ext.ops.cpu_kernel:cpu_kernel_off_reason", "cpu")),
-    memory={2: MemoryModel(47.65, 0.0, 4.342), 3: MemoryModel(56.06, 0.0, 0.225)},
 ))
 
 register(Architecture(
@@ -131,9 +215,6 @@ register(Architecture(
     summary="U-Net with deformable large-kernel attention (D-LKA) blocks at 1/4 resolution and below: "
             "in encoder and decoder (3D), in the decoder of the plans' convolutional encoder (2D)",
     reference="Azad et al., Beyond Self-Attention: Deformable Large Kernel Attention, WACV 2024; seed 001",
-    options={"encoder_blocks": None, "bottleneck_blocks": None, "decoder_blocks": None, "dlka_from_stride": 4,
-             "deformable": None, "position_embedding": False, "layer_scale": 1e-6},
-    memory={2: MemoryModel(12.41, 0.0, 2.307), 3: MemoryModel(13.9, 0.0, 0.0)},
 ))
 
 register(Architecture(
@@ -145,9 +226,7 @@ register(Architecture(
             "B-spline KANLinear, depthwise convolution), convolutional above",
     reference="Li et al., U-KAN Makes Strong Backbone for Medical Image Segmentation and Generation, "
               "AAAI 2025; seed 000",
-    options={"token_mixer": "kan", "token_shift": True, "kan_conv": False, "depth": 1, "drop_path_rate": 0.0,
-             "grid_size": 5, "spline_order": 3},
-    memory={2: MemoryModel(8.162, 8.214, 2.568), 3: MemoryModel(8.774, 9.146, 2.006)},
+    recipe="nnunet_ext.trainers.recipes:UKANRecipe",
 ))
 
 register(Architecture(
@@ -160,7 +239,5 @@ register(Architecture(
             "sized from the patch",
     reference="Chen et al., TransUNet: Transformers Make Strong Encoders for Medical Image Segmentation, "
               "2021; seed 003",
-    options={"transformer_stages": None, "depth": 12, "width": 384, "heads": 6, "mlp_ratio": 4.0,
-             "drop_path_rate": 0.1},
-    memory={2: MemoryModel(3.021, 19.4, 4.062), 3: MemoryModel(10.08, 15.97, 1.191)},
+    recipe="nnunet_ext.trainers.recipes:TransformerRecipe",
 ))

@@ -12,17 +12,28 @@ from __future__ import annotations
 import math
 import pydoc
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from torch import nn
 
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+from dynamic_network_architectures.building_blocks.residual import StackedResidualBlocks
 from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
+from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
+
+from nnunet_ext.blocks import layers
+from nnunet_ext.errors import ConfigurationError
+
+StageHook = Callable[[int, Callable[[], nn.Module]], nn.Module]
+"""How a network builds its stages: called once per stage s with a factory of the stage the plans
+give (`Topology.build_encoder`, `networks.base.UNetDecoder`), it returns the stage to use: the
+factory's module (keep it), that module followed by more (extend it), or another module (replace it)."""
 
 
-class PlansError(ValueError):
-    """Plans that an nnunet-ext network cannot be built from; the message says what to do."""
+def keep_stage(s: int, plans_stage: Callable[[], nn.Module]) -> nn.Module:
+    """The StageHook that keeps every stage the plans give."""
+    return plans_stage()
 
 
 def _tuples(values: Sequence, dim: int, what: str) -> tuple[tuple[int, ...], ...]:
@@ -31,7 +42,8 @@ def _tuples(values: Sequence, dim: int, what: str) -> tuple[tuple[int, ...], ...
     for v in values:
         v = (int(v),) * dim if isinstance(v, (int, float)) else tuple(int(i) for i in v)
         if len(v) != dim:
-            raise PlansError(f"'{what}' entry {list(v)} does not match the {dim}D convolutions of these plans.")
+            raise ConfigurationError(f"'{what}' entry {list(v)} does not match the {dim}D convolutions of "
+                                     "these plans.")
         out.append(v)
     return tuple(out)
 
@@ -64,15 +76,17 @@ class Topology:
     def __post_init__(self):
         n, dim = self.n_stages, self.dim
         if n < 2:
-            raise PlansError(f"The plans have {n} stage(s); a U-Net needs at least 2.")
+            raise ConfigurationError(f"The plans have {n} stage(s); a U-Net needs at least 2.")
         for what in ("kernel_sizes", "strides", "n_blocks_per_stage"):
             if len(getattr(self, what)) != n:
-                raise PlansError(f"'{what}' has {len(getattr(self, what))} entries but the plans have {n} stages.")
+                raise ConfigurationError(f"'{what}' has {len(getattr(self, what))} entries but the plans have "
+                                         f"{n} stages.")
         if len(self.n_conv_per_stage_decoder) != n - 1:
-            raise PlansError(f"'n_conv_per_stage_decoder' needs {n - 1} entries for {n} stages, "
-                             f"got {len(self.n_conv_per_stage_decoder)}.")
+            raise ConfigurationError(f"'n_conv_per_stage_decoder' needs {n - 1} entries for {n} stages, "
+                                     f"got {len(self.n_conv_per_stage_decoder)}.")
         if len(self.patch_size) != dim:
-            raise PlansError(f"Patch size {list(self.patch_size)} does not match the {dim}D convolutions of these plans.")
+            raise ConfigurationError(f"Patch size {list(self.patch_size)} does not match the {dim}D convolutions of "
+                                     "these plans.")
 
     @property
     def n_stages(self) -> int:
@@ -101,15 +115,41 @@ class Topology:
             sizes.append(size)
         return sizes
 
+    @property
+    def norm_and_nonlin(self) -> dict:
+        """The plans' norm and nonlinearity as (op, kwargs) pairs, the arguments every block takes."""
+        return dict(norm_op=self.norm_op, norm_op_kwargs=self.norm_op_kwargs, nonlin=self.nonlin,
+                    nonlin_kwargs=self.nonlin_kwargs)
+
     def norm(self, channels: int) -> nn.Module:
         """The plans' normalisation for `channels` (Identity where the plans have none)."""
-        return self.norm_op(channels, **(self.norm_op_kwargs or {})) if self.norm_op else nn.Identity()
+        return layers.norm(self.norm_op, self.norm_op_kwargs, channels)
 
     def nonlinearity(self) -> nn.Module:
         """The plans' nonlinearity (Identity where the plans have none)."""
-        return self.nonlin(**(self.nonlin_kwargs or {})) if self.nonlin else nn.Identity()
+        return layers.nonlinearity(self.nonlin, self.nonlin_kwargs)
 
-    def build_encoder(self, input_channels: int) -> PlainConvEncoder | ResidualEncoder:
+    def conv_blocks(self, count: int, input_channels: int, s: int, stride=1) -> StackedConvBlocks:
+        """`count` of the plans' convolutions (norm, nonlinearity) at stage s's width and kernel."""
+        return StackedConvBlocks(count, self.conv_op, input_channels, self.features_per_stage[s],
+                                 self.kernel_sizes[s], stride, self.conv_bias, self.norm_op, self.norm_op_kwargs,
+                                 self.dropout_op, self.dropout_op_kwargs, self.nonlin, self.nonlin_kwargs)
+
+    def residual_blocks(self, count: int, input_channels: int, s: int, stride=1) -> StackedResidualBlocks:
+        """`count` of nnU-Net's residual blocks (BasicBlockD) at stage s's width and kernel."""
+        return StackedResidualBlocks(count, self.conv_op, input_channels, self.features_per_stage[s],
+                                     self.kernel_sizes[s], stride, self.conv_bias, self.norm_op, self.norm_op_kwargs,
+                                     self.dropout_op, self.dropout_op_kwargs, self.nonlin, self.nonlin_kwargs)
+
+    def stage_input_channels(self, s: int, input_channels: int) -> int:
+        """Channels entering encoder stage s: the image's at stage 0, except behind the ResEnc stem."""
+        if s:
+            return self.features_per_stage[s - 1]
+        return self.features_per_stage[0] if self.residual_encoder else input_channels
+
+    def build_encoder(self, input_channels: int, stage: StageHook = keep_stage) -> PlainConvEncoder | ResidualEncoder:
+        """dynamic_network_architectures' encoder for these plans (returning one skip per stage), its
+        stages passed through `stage` from the highest resolution down."""
         common = dict(input_channels=input_channels, n_stages=self.n_stages,
                       features_per_stage=list(self.features_per_stage), conv_op=self.conv_op,
                       kernel_sizes=[list(k) for k in self.kernel_sizes], strides=[list(s) for s in self.strides],
@@ -117,39 +157,49 @@ class Topology:
                       dropout_op=self.dropout_op, dropout_op_kwargs=self.dropout_op_kwargs,
                       nonlin=self.nonlin, nonlin_kwargs=self.nonlin_kwargs, return_skips=True)
         if self.residual_encoder:
-            return ResidualEncoder(n_blocks_per_stage=list(self.n_blocks_per_stage), **common)
-        return PlainConvEncoder(n_conv_per_stage=list(self.n_blocks_per_stage), **common)
+            encoder = ResidualEncoder(n_blocks_per_stage=list(self.n_blocks_per_stage), **common)
+        else:
+            encoder = PlainConvEncoder(n_conv_per_stage=list(self.n_blocks_per_stage), **common)
+        # Its forward runs `stages` in order; the one place a network's own stages go in.
+        for s, plans_stage in enumerate(encoder.stages):
+            encoder.stages[s] = stage(s, lambda plans_stage=plans_stage: plans_stage)
+        return encoder
 
     @classmethod
     def from_plans(cls, configuration_manager) -> "Topology":
         """Read the topology of an nnU-Net `ConfigurationManager` (default or ResEnc plans)."""
-        arch = configuration_manager.configuration.get("architecture")
+        return cls.from_entry(configuration_manager.configuration.get("architecture"),
+                              configuration_manager.patch_size)
+
+    @classmethod
+    def from_entry(cls, arch: dict | None, patch_size: Sequence[int]) -> "Topology":
+        """Read a plans configuration's `architecture` entry (default or ResEnc plans) at `patch_size`."""
         if not isinstance(arch, dict) or "arch_kwargs" not in arch:
-            raise PlansError("This plans configuration has no 'architecture' entry with 'arch_kwargs'. "
-                             "nnunet-ext reads nnU-Net >= 2.4 plans; re-run nnUNetv2_plan_and_preprocess "
-                             "(or nnUNetv2_plan_experiment) with nnunetv2 2.8.")
+            raise ConfigurationError("This plans configuration has no 'architecture' entry with 'arch_kwargs'. "
+                                     "nnunet-ext reads nnU-Net >= 2.4 plans; re-run nnUNetv2_plan_and_preprocess "
+                                     "(or nnUNetv2_plan_experiment) with nnunetv2 2.8.")
         kw = dict(arch["arch_kwargs"])
         for key in arch.get("_kw_requires_import", ()):
             if kw.get(key) is not None:
                 name, kw[key] = kw[key], pydoc.locate(kw[key])
                 if kw[key] is None:
-                    raise PlansError(f"Plans name '{name}' for '{key}', which cannot be imported.")
+                    raise ConfigurationError(f"'{key}' names '{name}', which cannot be imported.")
         if "n_blocks_per_stage" in kw:
             blocks, residual = kw["n_blocks_per_stage"], True
         elif "n_conv_per_stage" in kw:
             blocks, residual = kw["n_conv_per_stage"], False
         else:
-            raise PlansError(f"Plans network '{arch.get('network_class_name')}' is not a U-Net "
-                             "(no 'n_conv_per_stage' or 'n_blocks_per_stage'); nnunet-ext builds on nnU-Net's "
-                             "default or ResEnc plans (nnUNetPlans, nnUNetResEncUNet*Plans).")
+            raise ConfigurationError(f"network '{arch.get('network_class_name')}' is not a U-Net "
+                                     "(no 'n_conv_per_stage' or 'n_blocks_per_stage'); nnunet-ext builds on nnU-Net's "
+                                     "default or ResEnc plans (nnUNetPlans, nnUNetResEncUNet*Plans).")
         missing = [k for k in ("n_stages", "features_per_stage", "conv_op", "kernel_sizes", "strides",
                                "n_conv_per_stage_decoder") if k not in kw]
         if missing:
-            raise PlansError(f"Plans network '{arch.get('network_class_name')}' lacks {missing}; "
-                             "nnunet-ext builds on nnU-Net's default or ResEnc plans.")
+            raise ConfigurationError(f"network '{arch.get('network_class_name')}' lacks {missing}; "
+                                     "nnunet-ext builds on nnU-Net's default or ResEnc plans.")
         conv_op = kw["conv_op"]
         if not (isinstance(conv_op, type) and issubclass(conv_op, (nn.Conv2d, nn.Conv3d))):
-            raise PlansError(f"Plans conv_op {conv_op} is neither Conv2d nor Conv3d.")
+            raise ConfigurationError(f"conv_op {conv_op} is neither Conv2d nor Conv3d.")
         n, dim = int(kw["n_stages"]), convert_conv_op_to_dim(conv_op)
 
         def per_stage(value, stages=n):  # plans may give one value for all stages
@@ -157,7 +207,8 @@ class Topology:
 
         features = per_stage(kw["features_per_stage"])
         if len(features) != n:
-            raise PlansError(f"'features_per_stage' has {len(features)} entries but the plans have {n} stages.")
+            raise ConfigurationError(f"'features_per_stage' has {len(features)} entries but the plans have "
+                                     f"{n} stages.")
         return cls(
             conv_op=conv_op,
             features_per_stage=tuple(int(f) for f in features),
@@ -165,7 +216,7 @@ class Topology:
             strides=_tuples(per_stage(kw["strides"]), dim, "strides"),
             n_blocks_per_stage=tuple(int(b) for b in per_stage(blocks)),
             n_conv_per_stage_decoder=tuple(int(c) for c in per_stage(kw["n_conv_per_stage_decoder"], n - 1)),
-            patch_size=tuple(int(p) for p in configuration_manager.patch_size),
+            patch_size=tuple(int(p) for p in patch_size),
             residual_encoder=residual,
             conv_bias=bool(kw.get("conv_bias", True)),
             norm_op=kw.get("norm_op"), norm_op_kwargs=kw.get("norm_op_kwargs"),

@@ -80,8 +80,8 @@ def topology_case(request):
 def planned(tmp_path_factory):
     """A tiny synthetic 3D dataset, planned and preprocessed for 2d and 3d_fullres by the stock command,
     with ResEnc (M) plans next to the default ones. Shared by every test that needs real plans."""
-    from nnunet_ext.pipeline import Workspace
-    from nnunet_ext.synthetic import make_dataset
+    from nnunet_ext.tools.workspace import Workspace
+    from nnunet_ext.tools.make_dataset import make_dataset
 
     ws = Workspace(tmp_path_factory.mktemp("nnunet"))
     make_dataset(ws.raw, 999, "Tiny", shape=(24, 40, 40), spacing=(3.0, 1.0, 1.0))
@@ -102,7 +102,7 @@ def cross_validated(planned, tmp_path_factory):
     and the second fold 0 only (about three minutes on two CPU cores): real results folders for
     `nnunet-ext compare` and real checkpoints of two architectures. A workspace of its own, so no
     other test's training touches it."""
-    from nnunet_ext.pipeline import Workspace
+    from nnunet_ext.tools.workspace import Workspace
 
     ws = Workspace(tmp_path_factory.mktemp("cross_validated"))
     for folder in ("raw", "preprocessed"):

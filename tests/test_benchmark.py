@@ -11,28 +11,31 @@ import shutil
 import pytest
 import torch
 
-from nnunet_ext import benchmark as bm
 from nnunet_ext.ops import selective_scan_fn
+from nnunet_ext.ops.reference import selective_scan_loop
+from nnunet_ext.ops.selective_scan import pytorch_paths_only
 from nnunet_ext.registry import ARCHITECTURES
-from nnunet_ext.cli import main
+from nnunet_ext.tools import benchmark as bm, benchmark_dlka, benchmark_kan, benchmark_scan as scan
+from nnunet_ext.tools.cli import main
+from nnunet_ext.tools.measure import isolated
 from test_cli import cli
 
 
 def test_the_four_scans_compute_the_same_thing():
-    t = bm.scan_inputs(bm.ScanShape("tiny", rows=2, d_inner=6, length=37, d_state=5), "cpu")
+    t = scan.scan_inputs(scan.ScanShape("tiny", rows=2, d_inner=6, length=37, d_state=5), "cpu")
     args = [t[k].detach() for k in ("u", "delta", "A", "B", "C")]
-    assert bm.scan_path("cpu") == "compiled CPU scan"
+    assert scan.scan_path("cpu") == "compiled CPU scan"
     ours = selective_scan_fn(*args)
-    with bm.pytorch_paths_only():
+    with pytorch_paths_only():
         torch.testing.assert_close(selective_scan_fn(*args), ours, rtol=1e-4, atol=1e-5)
-    assert bm.scan_path("cpu") == "compiled CPU scan"  # switched back on
-    torch.testing.assert_close(bm.mambapy_selective_scan(*args), ours, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(bm.selective_scan_loop(*args)[0], ours, rtol=1e-4, atol=1e-5)
+    assert scan.scan_path("cpu") == "compiled CPU scan"  # switched back on
+    torch.testing.assert_close(scan.mambapy_selective_scan(*args), ours, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(selective_scan_loop(*args)[0], ours, rtol=1e-4, atol=1e-5)
 
 
 def test_scan_benchmark_times_every_implementation():
-    shapes = (bm.ScanShape("tiny", rows=2, d_inner=4, length=50, d_state=4),)
-    rows = bm.benchmark_scan(shapes, repeats=1, progress=lambda _: None)
+    shapes = (scan.ScanShape("tiny", rows=2, d_inner=4, length=50, d_state=4),)
+    rows = scan.benchmark_scan(shapes, repeats=1, progress=lambda _: None)
     assert [r["shape"] for r in rows] == ["tiny"]
     assert all(rows[0][k] > 0 for k in ("ours", "pytorch", "loop", "mambapy"))
 
@@ -42,17 +45,17 @@ def test_a_killed_measurement_process_is_an_error_not_a_hang():
     out-of-memory killer takes it) ends the benchmark with a message instead of waiting forever."""
     with pytest.raises(RuntimeError, match=r"the process measuring 9 was killed, most likely for lack of memory "
                                            r"\(\d+ GB of RAM here\)"):
-        bm.isolated(os._exit, 9)
+        isolated(os._exit, 9)
 
 
 def test_benchmark_command_compares_with_nnunets_network_and_primus(planned, tmp_path):
     out = cli("benchmark", "-d", "999", "-c", "3d_fullres", "--repeats", "1", "-o", str(tmp_path), env=planned.env())
     assert out.returncode == 0, out.stderr
-    assert "[7/7] vit_hybrid" in out.stderr  # progress
+    names = ["nnU-Net", "Primus-B", *ARCHITECTURES]  # the tiny 3d plans' patch divides by 8
+    assert f"[{len(names)}/{len(names)}] {names[-1]}" in out.stderr  # progress
     lines = out.stdout.splitlines()
     assert "patch (" in lines[0] and "batch 2" in lines[0] and "its PlainConvUNet" in lines[0]
     assert lines[1].split()[:4] == ["network", "parameters", "vs", "nnU-Net"]
-    names = ["nnU-Net", "Primus-B", *ARCHITECTURES]  # the tiny 3d plans' patch divides by 8
     assert [line.split()[0] for line in lines[3:3 + len(names)]] == names
     assert lines[3].count("1.00x") == len(bm.NETWORK_FIGURES)
 
@@ -110,16 +113,18 @@ def test_flop_count_is_two_per_multiply_accumulate_of_every_convolution():
 
 
 def test_deform_conv_benchmark_measures_every_implementation():
-    shapes = (bm.DeformShape("tiny 2D", 1, 4, (8, 8), 3, depthwise=True), bm.DeformShape("tiny 3D", 1, 2, (4, 4, 4), 3))
-    rows = bm.benchmark_deform_conv(shapes, repeats=1, progress=lambda _: None)
+    shapes = (benchmark_dlka.DeformShape("tiny 2D", 1, 4, (8, 8), 3, depthwise=True),
+              benchmark_dlka.DeformShape("tiny 3D", 1, 2, (4, 4, 4), 3))
+    rows = benchmark_dlka.benchmark_deform_conv(shapes, repeats=1, progress=lambda _: None)
     assert [r["shape"] for r in rows] == ["tiny 2D", "tiny 3D"]
     assert all(rows[0][k]["seconds"] > 0 and rows[0][k]["peak_bytes"] >= 0 for k in ("ours", "unfused", "torchvision"))
     assert rows[1]["torchvision"] is None and rows[1]["ours"]["seconds"] > 0
 
 
 def test_benchmark_dlka_command_prints_both_tables(monkeypatch, capsys):
-    monkeypatch.setattr(bm, "DEFORM_SHAPES", (bm.DeformShape("tiny 2D", 1, 4, (8, 8), 3, depthwise=True),
-                                              bm.DeformShape("tiny 3D", 1, 2, (4, 4, 4), 3)))
+    shapes = (benchmark_dlka.DeformShape("tiny 2D", 1, 4, (8, 8), 3, depthwise=True),
+              benchmark_dlka.DeformShape("tiny 3D", 1, 2, (4, 4, 4), 3))
+    monkeypatch.setattr(benchmark_dlka, "DEFORM_SHAPES", shapes)
     assert main(["benchmark-dlka", "--repeats", "1"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("Deformable convolution, forward+backward")
@@ -135,13 +140,14 @@ def test_the_three_kan_linears_compute_the_same_thing():
 
     torch.manual_seed(0)
     layer, x = KANLinear(6, 5), torch.randn(30, 6) * 1.5
-    outputs = [bm._kan_linear_forward(name, layer, x) for name in bm.KAN_IMPLEMENTATIONS]
+    outputs = [benchmark_kan._kan_linear_forward(name, layer, x) for name in benchmark_kan.KAN_IMPLEMENTATIONS]
     for other in outputs[1:]:
         torch.testing.assert_close(other, outputs[0], rtol=1e-5, atol=1e-5)
 
 
 def test_benchmark_kan_command_prints_every_implementation(monkeypatch, capsys):
-    monkeypatch.setattr(bm, "KAN_SHAPES", (bm.KANShape("tiny", 16, 4), bm.KANShape("tiny wide", 8, 12)))
+    monkeypatch.setattr(benchmark_kan, "KAN_SHAPES", (benchmark_kan.KANShape("tiny", 16, 4),
+                                                      benchmark_kan.KANShape("tiny wide", 8, 12)))
     assert main(["benchmark-kan", "--repeats", "1"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("KANLinear (grid 5, order 3), forward+backward")

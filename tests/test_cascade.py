@@ -22,9 +22,9 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from conftest import assert_prediction_fits_image
-from nnunet_ext.pipeline import Workspace
+from nnunet_ext.tools.workspace import Workspace
 from nnunet_ext.registry import ARCHITECTURES
-from nnunet_ext.synthetic import make_dataset
+from nnunet_ext.tools.make_dataset import make_dataset
 
 pytestmark = pytest.mark.e2e
 

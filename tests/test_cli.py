@@ -12,7 +12,7 @@ from nnunet_ext.registry import ARCHITECTURES
 
 
 def cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "nnunet_ext.cli", *args], text=True, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "nnunet_ext.tools.cli", *args], text=True, capture_output=True,
                           env={**os.environ, **(env or {})} if env is not None else os.environ)
 
 
@@ -25,7 +25,7 @@ def test_list_names_every_architecture_and_trainer():
 
 def test_doctor_reports_unset_variables_with_the_fix():
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
-    out = subprocess.run([sys.executable, "-m", "nnunet_ext.cli", "doctor"], text=True, capture_output=True, env=env)
+    out = subprocess.run([sys.executable, "-m", "nnunet_ext.tools.cli", "doctor"], text=True, capture_output=True, env=env)
     assert out.returncode == 1
     assert "[FAIL] nnUNet_extTrainer=(unset)" in out.stdout
     assert 'fix: eval "$(nnunet-ext env)"' in out.stdout
@@ -72,3 +72,17 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     out = cli("demo", "--dir", str(tmp_path))
     assert out.returncode == 2 and "is not an nnunet-ext demo folder" in out.stderr
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_help_names_every_command_and_env_stays_light():
+    """Only the command that runs is imported: `nnunet-ext env`, in a shell profile, does not load torch."""
+    from nnunet_ext.tools.cli import COMMANDS
+
+    out = cli("--help")
+    assert out.returncode == 0 and all(command in out.stdout for command in COMMANDS)
+    light = subprocess.run([sys.executable, "-c", "import sys; from nnunet_ext.tools.cli import main; main(['env']); "
+                            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'nnunetv2')))"],
+                           text=True, capture_output=True, check=True)
+    assert light.stdout.splitlines() == [discovery.env_line(), "[]"]
+    unknown = cli("benchmrk")
+    assert unknown.returncode == 2 and "invalid choice: 'benchmrk'" in unknown.stderr

@@ -13,9 +13,9 @@ import math
 import pytest
 
 from conftest import assert_prediction_fits_image
-from nnunet_ext.pipeline import Workspace
+from nnunet_ext.tools.workspace import Workspace
 from nnunet_ext.registry import ARCHITECTURES
-from nnunet_ext.synthetic import make_dataset
+from nnunet_ext.tools.make_dataset import make_dataset
 
 pytestmark = pytest.mark.e2e
 

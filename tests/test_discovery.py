@@ -11,10 +11,8 @@ import pytest
 
 from nnunet_ext import discovery
 from nnunet_ext.registry import ARCHITECTURES
-from nnunet_ext.trainers import SCHEDULES
 
-TRAINERS = [a.trainer for a in ARCHITECTURES.values()] + [
-    f"{a.trainer}_{s}" for a in ARCHITECTURES.values() for s in SCHEDULES]
+TRAINERS = [t for a in ARCHITECTURES.values() for t in a.trainer_names()]
 
 
 def run_python(code: str, **env) -> str:
@@ -57,14 +55,16 @@ def test_missing_optional_dependencies_do_not_break_the_lookup():
     assert "ALL FOUND" in out
 
 
-def test_reading_the_registry_and_building_imports_no_optional_package():
+def test_the_registry_the_networks_and_the_commands_import_no_optional_package():
     out = run_python("""
         import sys, torch
         from torch import nn
         sys.path.insert(0, "tests")
         from conftest import TOPOLOGIES
         from nnunet_ext.registry import ARCHITECTURES
-        import nnunet_ext.cli
+        from nnunet_ext.tools.cli import COMMANDS, command_module
+        for command in COMMANDS:
+            command_module(command)
         for topology, channels in TOPOLOGIES.values():
             for arch in ARCHITECTURES.values():
                 if topology.dim in arch.dims:
@@ -80,7 +80,7 @@ def test_env_line_keeps_other_folders_and_is_idempotent(tmp_path):
     assert discovery.env_value("") == ours
     assert discovery.env_value(other) == os.pathsep.join([ours, other])
     assert discovery.env_value(os.pathsep.join([other, ours])) == os.pathsep.join([ours, other])
-    shell = subprocess.run(["bash", "-c", f'eval "$({sys.executable} -m nnunet_ext.cli env)"; '
+    shell = subprocess.run(["bash", "-c", f'eval "$({sys.executable} -m nnunet_ext.tools.cli env)"; '
                                           'echo "$nnUNet_extTrainer"'],
                            env={**os.environ, discovery.ENV_VAR: other}, text=True, capture_output=True)
     assert shell.stdout.strip() == os.pathsep.join([ours, other]), shell.stderr

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import assert_compiles_like_eager, make_topology
-from nnunet_ext import benchmark as bm
 from nnunet_ext.blocks.deformable_lka import LKA, DeformableConv, DLKABlock
+from nnunet_ext.errors import ConfigurationError
 from nnunet_ext.networks.dlka_net import DLKANet
-from nnunet_ext.topology import PlansError
+from nnunet_ext.tools.benchmark_dlka import DLKA_PAPER, dlka_paper_comparison
 
 ANISO_3D = make_topology(3, [(1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2)], [4, 8, 16, 32, 32], (20, 48, 32))
 TOPO_2D = make_topology(2, [(1, 1), (2, 2), (2, 2), (2, 2)], [8, 16, 32, 32], (40, 56))
@@ -100,7 +100,7 @@ def test_position_embedding_is_resampled_for_other_sizes():
 
 def test_plans_that_never_reach_quarter_resolution_are_rejected():
     shallow = make_topology(2, [(1, 1), (2, 2)], [8, 16], (32, 32))
-    with pytest.raises(PlansError, match="dlka_from_stride"):
+    with pytest.raises(ConfigurationError, match="dlka_from_stride"):
         DLKANet(shallow, 1, 2)
     assert DLKANet(shallow, 1, 2, dlka_from_stride=2).dlka_stages == [1]
 
@@ -109,10 +109,10 @@ def test_synapse_configuration_matches_the_papers_counts():
     """The official code's layout (3 bottleneck blocks, learned position embeddings) has the paper's
     42.35 M parameters and, without the deformable convolutions that fvcore cannot see, its 66.96
     GFLOPs (fvcore counts multiply-accumulates); the layout the paper's text describes has fewer."""
-    rows = {r["network"].split(" (")[0]: r for r in bm.dlka_paper_comparison()}
+    rows = {r["network"].split(" (")[0]: r for r in dlka_paper_comparison()}
     official, text = rows["official code"], rows["paper's text"]
-    assert official["parameters"] == pytest.approx(bm.DLKA_PAPER["parameters"], rel=0.002)
-    assert official["macs_without_deformable"] == pytest.approx(bm.DLKA_PAPER["macs"], rel=0.002)
+    assert official["parameters"] == pytest.approx(DLKA_PAPER["parameters"], rel=0.002)
+    assert official["macs_without_deformable"] == pytest.approx(DLKA_PAPER["macs"], rel=0.002)
     assert text["parameters"] < 0.7 * official["parameters"]
     assert official["macs"] > official["macs_without_deformable"]
 

@@ -125,8 +125,8 @@ def mha_lkm_unet(tmp_path_factory):
     NIfTI reader turns them into 0) on which LKM-UNet trained a short fold with both fast paths broken:
     a mamba_ssm installed without its compiled extension, as after a failed CUDA build, and a C
     compiler that fails, so the CPU scan cannot be built."""
-    from nnunet_ext.pipeline import Workspace
-    from nnunet_ext.synthetic import make_dataset
+    from nnunet_ext.tools.workspace import Workspace
+    from nnunet_ext.tools.make_dataset import make_dataset
 
     root = tmp_path_factory.mktemp("mha")
     ops = root / "site" / "mamba_ssm" / "ops"

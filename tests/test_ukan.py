@@ -16,8 +16,8 @@ from conftest import assert_compiles_like_eager, assert_random_only_in_training,
 from test_discovery import run_python
 from nnunet_ext.blocks.kan import KANConv, KANLinear, TokenizedKANBlock, kan_parameters
 from nnunet_ext.networks.ukan import UKAN
-from nnunet_ext.topology import PlansError
-from nnunet_ext.trainers import CosineLRScheduler
+from nnunet_ext.errors import ConfigurationError
+from nnunet_ext.trainers.schedulers import CosineLRScheduler
 
 ANISO_3D = make_topology(3, [(1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2)], [4, 8, 16, 32, 32], (20, 48, 32))
 TOPO_2D = make_topology(2, [(1, 1), (2, 2), (2, 2), (2, 2), (2, 2)], [8, 16, 32, 32, 48], (48, 64))
@@ -92,7 +92,7 @@ def test_drop_path_rises_over_the_tokenized_blocks_and_is_off_in_eval():
 
 
 def test_plans_with_two_stages_are_rejected():
-    with pytest.raises(PlansError, match="at least 3 stages"):
+    with pytest.raises(ConfigurationError, match="at least 3 stages"):
         UKAN(make_topology(2, [(1, 1), (2, 2)], [8, 16], (32, 32)), 1, 2)
 
 

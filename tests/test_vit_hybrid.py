@@ -16,8 +16,8 @@ from conftest import assert_compiles_like_eager, assert_random_only_in_training,
 from test_discovery import run_python
 from nnunet_ext.blocks.transformer import FeatureMapTransformer, MultiHeadSelfAttention, TransformerBlock
 from nnunet_ext.networks.vit_hybrid import ViTransUNet
-from nnunet_ext.topology import PlansError
-from nnunet_ext.trainers import WarmupPolyLRScheduler
+from nnunet_ext.errors import ConfigurationError
+from nnunet_ext.trainers.schedulers import WarmupPolyLRScheduler
 
 SMALL = dict(depth=2, width=32, heads=4)
 TOPO_2D = make_topology(2, [(1, 1), (2, 2), (2, 2), (2, 2), (2, 2), (2, 2), (2, 2)], [4, 8, 16, 16, 32, 32, 32],
@@ -61,15 +61,14 @@ def test_block_equals_torchs_pre_norm_transformer_encoder_layer():
 
 
 def test_positions_at_the_trained_size_are_the_parameter_itself():
-    transformer = FeatureMapTransformer(nn.Conv3d, 8, (3, 5, 4), 16, 1, 2, 2.0, 0.0, nn.Identity(), nn.Identity())
+    transformer = FeatureMapTransformer(nn.Conv3d, 8, (3, 5, 4), 16, 1, 2, 2.0, 0.0)
     assert transformer.position_embedding((3, 5, 4)) is transformer.position
 
 
 @pytest.mark.parametrize("grid,size", [((5, 7), (9, 4)), ((3, 5, 4), (6, 2, 7))], ids=["2d", "3d"])
 def test_positions_at_another_size_are_linearly_interpolated(grid, size):
     """Against scipy: order-1 interpolation at half-pixel centres, edges clamped (align_corners=False)."""
-    transformer = FeatureMapTransformer(nn.Conv2d if len(grid) == 2 else nn.Conv3d, 8, grid, 6, 1, 2, 2.0, 0.0,
-                                        nn.Identity(), nn.Identity())
+    transformer = FeatureMapTransformer(nn.Conv2d if len(grid) == 2 else nn.Conv3d, 8, grid, 6, 1, 2, 2.0, 0.0)
     ours = transformer.position_embedding(size).detach().double().numpy()[0]
     axes = [(np.arange(out) + 0.5) * g / out - 0.5 for g, out in zip(grid, size)]
     coordinates = np.stack(np.meshgrid(*axes, indexing="ij"))
@@ -115,11 +114,11 @@ def test_transformer_output_is_the_skip_and_the_next_stages_input():
 def test_width_heads_and_stages_are_checked():
     with pytest.raises(ValueError, match="multiple of its heads"):
         ViTransUNet(TOPO_2D, 1, 2, width=30, heads=4, depth=1)
-    with pytest.raises(PlansError, match="0 to 6"):
+    with pytest.raises(ConfigurationError, match="0 to 6"):
         ViTransUNet(TOPO_2D, 1, 2, transformer_stages=[7], **SMALL)
-    with pytest.raises(PlansError, match="twice"):
+    with pytest.raises(ConfigurationError, match="twice"):
         ViTransUNet(TOPO_2D, 1, 2, transformer_stages=[6, -1], **SMALL)
-    with pytest.raises(PlansError, match="depth"):
+    with pytest.raises(ConfigurationError, match="depth"):
         ViTransUNet(TOPO_2D, 1, 2, depth=0, width=32, heads=4)
 
 

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import CROSS_VALIDATED, CROSS_VALIDATION_CONFIGURATION as CONFIGURATION
-from nnunet_ext.pipeline import Workspace, stock_command
+from nnunet_ext.tools.workspace import Workspace, stock_command
 
 pytestmark = pytest.mark.e2e
 FIRST, SECOND = CROSS_VALIDATED  # FIRST trained folds 0 and 1, SECOND fold 0

@@ -10,7 +10,7 @@ from torch import nn
 
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 
-LINEAR_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
+from nnunet_ext.blocks import layers
 
 
 class AttentionGate(nn.Module):
@@ -30,7 +30,7 @@ class AttentionGate(nn.Module):
         self.theta = conv_op(skip_channels, inter, kernel_size=stride, stride=stride, bias=False)
         self.phi = conv_op(gating_channels, inter, kernel_size=1, bias=True)
         self.psi = conv_op(inter, 1, kernel_size=1, bias=True)
-        self.mode = LINEAR_MODES[convert_conv_op_to_dim(conv_op)]
+        self.mode = layers.linear_mode(convert_conv_op_to_dim(conv_op))
 
     def coefficients(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Attention coefficients alpha in (0, 1), one channel, at the size of the skip `x`."""

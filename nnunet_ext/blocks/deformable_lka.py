@@ -18,7 +18,8 @@ from dynamic_network_architectures.building_blocks.helper import convert_conv_op
 from dynamic_network_architectures.building_blocks.patch_encode_decode import LayerNormNd
 from dynamic_network_architectures.building_blocks.residual import BasicBlockD
 
-from nnunet_ext.blocks.attention import LINEAR_MODES
+from nnunet_ext.blocks import layers
+from nnunet_ext.errors import ConfigurationError
 from nnunet_ext.ops.deform_conv import deform_conv
 
 # Where the deformation goes: "none" is plain LKA; "depthwise" makes both depthwise convolutions
@@ -77,7 +78,7 @@ class LKA(nn.Module):
     def __init__(self, conv_op: type[nn.Module], channels: int, deformable: str = "none"):
         super().__init__()
         if deformable not in DEFORMABLE:
-            raise ValueError(f"deformable must be one of {DEFORMABLE}, got {deformable!r}.")
+            raise ConfigurationError(f"must be one of {DEFORMABLE}, got {deformable!r}.", "deformable")
 
         def depthwise(kernel_size, padding, dilation=1):
             if deformable == "depthwise":
@@ -125,7 +126,7 @@ class DLKABlock(nn.Module):
         super().__init__()
         self.position_embedding = None if position_embedding is None else \
             nn.Parameter(torch.empty(1, channels, *position_embedding))
-        self.resample_mode = LINEAR_MODES[convert_conv_op_to_dim(conv_op)]
+        self.resample_mode = layers.linear_mode(convert_conv_op_to_dim(conv_op))
         self.norm = LayerNormNd(channels, eps=1e-5)
         self.layer_scale = layer_scale
         self.gamma = nn.Parameter(torch.empty(channels))

@@ -20,6 +20,8 @@ from dynamic_network_architectures.building_blocks.helper import convert_conv_op
 from dynamic_network_architectures.building_blocks.patch_encode_decode import LayerNormNd
 from dynamic_network_architectures.building_blocks.regularization import DropPath
 
+from nnunet_ext.blocks import layers
+from nnunet_ext.errors import ConfigurationError
 from nnunet_ext.ops.b_spline import b_spline_bases, fit_spline_coefficients, uniform_grid
 
 TOKEN_MIXERS = ("kan", "mlp")
@@ -28,7 +30,10 @@ TOKEN_MIXERS = ("kan", "mlp")
 def _init_spline_weight(weight: torch.Tensor, grid: torch.Tensor, spline_order: int, scale_noise: float,
                         scale: float) -> None:
     """efficient-kan's spline initialisation: each (input, output) spline is fitted through small
-    uniform noise, +-scale_noise / (2 grid_size), at the interior knots. weight: (out, in, bases, ...)."""
+    uniform noise, +-scale_noise / (2 grid_size), at the interior knots. weight: (out, in, bases, ...).
+    Nothing to fit on the meta device, where networks are built without data to count them."""
+    if weight.is_meta:
+        return
     out_features, in_features = weight.shape[0], weight.shape[1] * math.prod(weight.shape[3:])
     # Taps of a convolution are further inputs sharing their channel's knots.
     grid = grid.repeat_interleave(in_features // grid.shape[0], dim=0)
@@ -153,7 +158,7 @@ class KANConv(nn.Module):
 
         kernel, self.stride, padding = per_axis(kernel_size), per_axis(stride), per_axis(padding)
         self.pad = [p for axis in reversed(padding) for p in (axis, axis)]  # F.pad order: last axis first
-        self.conv = F.conv2d if dim == 2 else F.conv3d
+        self.conv = layers.convolution(dim)
         self.spline_order, self.scale_noise = spline_order, scale_noise
         self.scale_base, self.scale_spline = scale_base, scale_spline
         self.register_buffer("grid", uniform_grid(in_channels, grid_size, spline_order, grid_range))
@@ -203,6 +208,15 @@ def shift_tokens(x: torch.Tensor, axis: int, groups: int = 5) -> torch.Tensor:
     return torch.cat(shifted, 1)
 
 
+def _official_linear(channels: int) -> nn.Linear:
+    """The MLP ablation's token mixer with the official code's initialisation (truncated normal,
+    std 0.02, zero bias)."""
+    linear = nn.Linear(channels, channels)
+    nn.init.trunc_normal_(linear.weight, std=0.02)
+    nn.init.zeros_(linear.bias)
+    return linear
+
+
 class TokenizedKANLayer(nn.Module):
     """Three times: shift the tokens along the next spatial axis, a token-wise KANLinear (or
     nn.Linear: `token_mixer="mlp"`, the paper's ablation), a depthwise 3^d convolution, norm and
@@ -212,16 +226,16 @@ class TokenizedKANLayer(nn.Module):
                  norm_op=None, norm_op_kwargs=None, nonlin=None, nonlin_kwargs=None, **kan_kwargs):
         super().__init__()
         if token_mixer not in TOKEN_MIXERS:
-            raise ValueError(f"token_mixer must be one of {TOKEN_MIXERS}, got {token_mixer!r}.")
+            raise ConfigurationError(f"must be one of {TOKEN_MIXERS}, got {token_mixer!r}.", "token_mixer")
         self.dim = convert_conv_op_to_dim(conv_op)
         self.token_shift = token_shift
         self.fc = nn.ModuleList(KANLinear(channels, channels, **kan_kwargs) if token_mixer == "kan"
-                                else nn.Linear(channels, channels) for _ in range(3))
+                                else _official_linear(channels) for _ in range(3))
 
         def dwconv():
             return nn.Sequential(conv_op(channels, channels, 3, padding=1, groups=channels),
-                                 norm_op(channels, **(norm_op_kwargs or {})) if norm_op else nn.Identity(),
-                                 nonlin(**(nonlin_kwargs or {})) if nonlin else nn.Identity())
+                                 layers.norm(norm_op, norm_op_kwargs, channels),
+                                 layers.nonlinearity(nonlin, nonlin_kwargs))
 
         self.dwconv = nn.ModuleList(dwconv() for _ in range(3))
 

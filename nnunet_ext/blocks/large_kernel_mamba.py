@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_ext.blocks.mamba import Mamba
+from nnunet_ext.errors import ConfigurationError
+from nnunet_ext.ops.precision import autocast_off
 
 LAYOUTS = ("contiguous", "strided")
 
@@ -49,7 +51,7 @@ class BiMamba(nn.Module):
         self.out_proj = nn.Linear(channels, channels)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(tokens.device.type, enabled=False):
+        with autocast_off(tokens.device):
             x = self.norm(tokens.float())
             y = self.forward_mamba(x)
             if self.backward_mamba is not None:
@@ -123,7 +125,7 @@ class LMBlock(nn.Module):
                  pixel_mamba: bool = True, patch_mamba: bool = True, **mamba):
         super().__init__()
         if layout not in LAYOUTS:
-            raise ValueError(f"window_layout must be one of {LAYOUTS}, got {layout!r}.")
+            raise ConfigurationError(f"must be one of {LAYOUTS}, got {layout!r}.", "window_layout")
         pixels = math.prod(min(w, s) for w, s in zip(window, size))
         windows = math.prod(math.ceil(s / w) for w, s in zip(window, size))
         cells = windows if layout == "contiguous" else pixels  # PaM's tokens

@@ -9,7 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 from dynamic_network_architectures.building_blocks.regularization import DropPath
+
+from nnunet_ext.blocks import layers
+from nnunet_ext.errors import ConfigurationError
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -19,7 +23,8 @@ class MultiHeadSelfAttention(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
         if width % heads:
-            raise ValueError(f"The transformer width ({width}) must be a multiple of its heads ({heads}).")
+            raise ConfigurationError(f"the transformer width ({width}) must be a multiple of its heads ({heads}).",
+                                     "heads")
         self.heads = heads
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
@@ -52,21 +57,25 @@ class FeatureMapTransformer(nn.Module):
     A 1x1 convolution embeds every position as a token of `width` channels (TransUNet's patch
     embedding of size 1 on CNN features), learned positional embeddings are added, `depth`
     pre-norm blocks and a LayerNorm follow, and a 3^d convolution with the plans' norm and
-    nonlinearity brings the tokens back to the stage's channels (TransUNet's `conv_more`).
+    nonlinearity ((op, kwargs) pairs) brings the tokens back to the stage's channels (TransUNet's
+    `conv_more`).
 
     The positional embeddings are sized for `grid_size`, the feature map at the plans' patch size;
     another size gets them linearly interpolated (bilinear/trilinear, half-pixel centres).
     """
 
     def __init__(self, conv_op: type, channels: int, grid_size: Sequence[int], width: int, depth: int, heads: int,
-                 mlp_ratio: float, drop_path_rate: float, norm: nn.Module, nonlinearity: nn.Module):
+                 mlp_ratio: float, drop_path_rate: float, norm_op=None, norm_op_kwargs=None, nonlin=None,
+                 nonlin_kwargs=None):
         super().__init__()
         self.embed = conv_op(channels, width, 1)
         self.position = nn.Parameter(torch.zeros(1, width, *grid_size))
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # numbers, also on the meta device
         self.blocks = nn.Sequential(*(TransformerBlock(width, heads, mlp_ratio, r) for r in rates))
         self.norm = nn.LayerNorm(width, eps=1e-6)
-        self.out = nn.Sequential(conv_op(width, channels, 3, padding=1), norm, nonlinearity)
+        self.out = nn.Sequential(conv_op(width, channels, 3, padding=1), layers.norm(norm_op, norm_op_kwargs, channels),
+                                 layers.nonlinearity(nonlin, nonlin_kwargs))
+        self.interpolation = layers.linear_mode(convert_conv_op_to_dim(conv_op))
         self._init_vit_weights()
 
     def _init_vit_weights(self) -> None:
@@ -81,8 +90,7 @@ class FeatureMapTransformer(nn.Module):
         """The positional embeddings for a feature map of `size`: the parameter itself at its own size."""
         if tuple(size) == tuple(self.position.shape[2:]):
             return self.position
-        mode = "bilinear" if len(size) == 2 else "trilinear"
-        return F.interpolate(self.position, size=tuple(size), mode=mode, align_corners=False)
+        return F.interpolate(self.position, size=tuple(size), mode=self.interpolation, align_corners=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x)

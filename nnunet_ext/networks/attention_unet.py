@@ -12,34 +12,11 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import nn
 
-from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
-
 from nnunet_ext.blocks.attention import AttentionGate, NonLocalSelfAttention
-from nnunet_ext.networks.base import SegmentationNetwork, decode
+from nnunet_ext.networks.base import SegmentationNetwork, UNetDecoder
 from nnunet_ext.topology import Topology
-
-
-class AttentionUNetDecoder(UNetDecoder):
-    """nnU-Net's U-Net decoder with an attention gate on each skip (gated by the features below)."""
-
-    def __init__(self, encoder, num_classes: int, n_conv_per_stage, deep_supervision: bool, attention_gates: bool):
-        super().__init__(encoder, num_classes, n_conv_per_stage, deep_supervision)
-        n = len(encoder.output_channels)
-        self.gates = nn.ModuleList(
-            AttentionGate(encoder.conv_op, encoder.output_channels[-(s + 1)], encoder.output_channels[-s],
-                          encoder.strides[-s])
-            for s in range(1, n)) if attention_gates else None
-
-    def step(self, i: int, x, skip):
-        if self.gates is not None:
-            skip = self.gates[i](skip, x)
-        return self.stages[i](torch.cat((self.transpconvs[i](x), skip), 1))
-
-    def forward(self, skips):
-        return decode(skips, self.step, self.seg_layers, self.deep_supervision)
 
 
 class AttentionUNet(SegmentationNetwork):
@@ -63,10 +40,11 @@ class AttentionUNet(SegmentationNetwork):
         self.self_attention = nn.ModuleDict({
             str(s): NonLocalSelfAttention(topology.conv_op, topology.features_per_stage[s])
             for s in self.self_attention_stages})
-        sizes = topology.feature_map_sizes()
-        self.extra_elements = sum(math.prod(sizes[s]) ** 2 for s in self.self_attention_stages)
-        self.decoder = AttentionUNetDecoder(self.encoder, num_classes, list(topology.n_conv_per_stage_decoder),
-                                            deep_supervision, attention_gates)
+        features, strides = topology.features_per_stage, topology.strides
+        # The gate on the skip of stage s, gated by the decoder's features from stage s + 1 (deepest first).
+        gates = [AttentionGate(topology.conv_op, features[s], features[s + 1], strides[s + 1])
+                 for s in range(topology.n_stages - 2, -1, -1)] if attention_gates else None
+        self.decoder = UNetDecoder(topology, num_classes, deep_supervision, gates=gates, encoder=self.encoder)
         self.initialize()
 
     def forward_features(self, x):

@@ -1,8 +1,11 @@
-"""What every nnunet-ext network shares: the nnU-Net output contract and input padding."""
+"""What every nnunet-ext network shares: the nnU-Net output contract, input padding, nnU-Net's
+initialisation and its U-Net decoder."""
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,42 +14,60 @@ from torch import nn
 from dynamic_network_architectures.building_blocks.helper import get_matching_convtransp
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
 
-from nnunet_ext.topology import Topology
+from nnunet_ext.topology import StageHook, Topology, keep_stage
 
 
-def decode(skips: list[torch.Tensor], step, seg_layers, deep_supervision: bool):
-    """The U-Net decoder loop. x starts as the deepest skip and `step(i, x, skip)` gives the next
-    one, decoder stage i = 0 being the deepest; `seg_layers[i]` is stage i's head. Returns the
-    logits highest resolution first with deep supervision, otherwise the last head's only."""
-    x, outputs = skips[-1], []
-    for i, seg in enumerate(seg_layers):
-        x = step(i, x, skips[-(i + 2)])
-        if deep_supervision or i == len(seg_layers) - 1:
-            outputs.append(seg(x))
-    outputs = outputs[::-1]
-    return outputs if deep_supervision else outputs[0]
+class UNetDecoder(nn.Module):
+    """nnU-Net's U-Net decoder, built on the plans' topology, with the hooks our networks need.
 
+    Per decoder stage, deepest first (stage i works at the resolution of encoder stage
+    s = n_stages - 2 - i): a transposed convolution up from the stage below, the skip of encoder
+    stage s merged in (`merge`: "concat" as nnU-Net does, or "add"), then the stage's blocks; a 1x1
+    head per stage. The blocks are the plans' convolutions (`residual`: nnU-Net's residual blocks,
+    as its ResEnc decoder builds them), passed through the `stage` hook (`nnunet_ext.topology.StageHook`,
+    called deepest first). `gates[i]`, where given, turns stage i's skip into `gates[i](skip, x)`, x
+    being the features below it. Returns the logits highest resolution first with deep supervision,
+    else the last head's only.
 
-class AdditiveSkipDecoder(nn.Module):
-    """Per decoder stage: a transposed convolution, the skip added (not concatenated), then
-    `blocks[s]`, the stage's blocks at the resolution of encoder stage s; a 1x1 head per stage."""
+    `encoder`: nnU-Net's decoders hold the encoder as a submodule, which puts its weights into the
+    state dict a second time (`decoder.encoder.*`). Networks that were built on them pass it, so that
+    their checkpoints keep loading.
+    """
 
-    def __init__(self, topology: Topology, num_classes: int, deep_supervision: bool, blocks: list[nn.Module]):
+    def __init__(self, topology: Topology, num_classes: int, deep_supervision: bool, stage: StageHook = keep_stage,
+                 merge: str = "concat", residual: bool = False, gates: Sequence[nn.Module] | None = None,
+                 encoder: nn.Module | None = None):
         super().__init__()
-        transposed = get_matching_convtransp(topology.conv_op)
+        if merge not in ("concat", "add"):
+            raise ValueError(f"merge must be 'concat' or 'add', got {merge!r}.")
+        if encoder is not None:
+            self.encoder = encoder
         features, strides = topology.features_per_stage, topology.strides
-        resolutions = range(topology.n_stages - 2, -1, -1)  # deepest decoder stage first
-        self.transpconvs = nn.ModuleList(transposed(features[s + 1], features[s], strides[s + 1], strides[s + 1])
-                                         for s in resolutions)
-        self.stages = nn.ModuleList(blocks[s] for s in resolutions)
-        self.seg_layers = nn.ModuleList(topology.conv_op(features[s], num_classes, 1) for s in resolutions)
-        self.deep_supervision = deep_supervision
+        resolutions = range(topology.n_stages - 2, -1, -1)  # encoder stage of each decoder stage, deepest first
+        blocks = topology.residual_blocks if residual else topology.conv_blocks
 
-    def step(self, i: int, x, skip):
-        return self.stages[i](self.transpconvs[i](x) + skip)
+        def plans_stage(s: int) -> nn.Module:
+            count = topology.n_conv_per_stage_decoder[topology.n_stages - 2 - s]
+            return blocks(count, (2 if merge == "concat" else 1) * features[s], s)
 
-    def forward(self, skips):
-        return decode(skips, self.step, self.seg_layers, self.deep_supervision)
+        transposed = get_matching_convtransp(topology.conv_op)
+        self.stages = nn.ModuleList(stage(s, functools.partial(plans_stage, s)) for s in resolutions)
+        self.transpconvs = nn.ModuleList(transposed(features[s + 1], features[s], strides[s + 1], strides[s + 1],
+                                                    bias=topology.conv_bias) for s in resolutions)
+        self.seg_layers = nn.ModuleList(topology.conv_op(features[s], num_classes, 1, 1, 0, bias=True)
+                                        for s in resolutions)
+        self.gates = None if gates is None else nn.ModuleList(gates)
+        self.merge, self.deep_supervision = merge, deep_supervision
+
+    def forward(self, skips: list[torch.Tensor]):
+        x, outputs = skips[-1], []
+        for i, (up, stage, seg) in enumerate(zip(self.transpconvs, self.stages, self.seg_layers)):
+            skip = skips[-(i + 2)] if self.gates is None else self.gates[i](skips[-(i + 2)], x)
+            x = stage(torch.cat((up(x), skip), 1) if self.merge == "concat" else up(x) + skip)
+            if self.deep_supervision or i == len(self.stages) - 1:
+                outputs.append(seg(x))
+        outputs = outputs[::-1]
+        return outputs if self.deep_supervision else outputs[0]
 
 
 class NonFiniteInputError(SystemExit):
@@ -78,22 +99,22 @@ class SegmentationNetwork(nn.Module):
     output is cropped back, so any input size works (nnU-Net's patches always divide already).
     """
 
-    # Activation elements per sample at the plans' patch that nnU-Net's U-Net has no counterpart for
-    # and that do not grow like its feature maps: attention matrices (heads x queries x keys, square in
-    # the patch), KAN spline bases. nnunet_ext.memory's model fits a cost per element to each network.
-    extra_elements: int = 0
-
     def __init__(self, topology: Topology):
         super().__init__()
         self.total_stride = topology.total_stride
         # Stride of each deep-supervision output relative to the input, highest resolution first.
         self.output_strides = topology.cumulative_strides()[:-1]
 
-    def initialize(self, identity_blocks: nn.Module | None = None) -> None:
+    def initialize(self, identity_blocks: nn.Module | None = None, own_initialization: tuple[type, ...] = ()) -> None:
         """nnU-Net's initialisation: He-normal convolutions, residual blocks starting as identities
-        (their last norm at zero); only those inside `identity_blocks` where it is given."""
+        (their last norm at zero; only those inside `identity_blocks` where it is given). Then every
+        module of a type in `own_initialization` gets its own initialisation back (`reset_parameters`):
+        blocks whose published initialisation He's would undo."""
         self.apply(InitWeights_He(1e-2))
         (self if identity_blocks is None else identity_blocks).apply(init_last_bn_before_add_to_0)
+        for module in self.modules():
+            if isinstance(module, own_initialization):
+                module.reset_parameters()
 
     def forward_features(self, x: torch.Tensor):
         """Encoder then decoder on an input whose size divides the total stride."""

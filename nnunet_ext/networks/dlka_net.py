@@ -15,9 +15,10 @@ from torch import nn
 
 from dynamic_network_architectures.building_blocks.residual import BasicBlockD
 
-from nnunet_ext.blocks.deformable_lka import DEFORMABLE, DLKABlock
-from nnunet_ext.networks.base import AdditiveSkipDecoder, SegmentationNetwork
-from nnunet_ext.topology import PlansError, Topology
+from nnunet_ext.blocks.deformable_lka import DLKABlock
+from nnunet_ext.errors import ConfigurationError
+from nnunet_ext.networks.base import SegmentationNetwork, UNetDecoder
+from nnunet_ext.topology import Topology
 
 # The paper's layout per dimension, used for every option left at None.
 PAPER_LAYOUT = {
@@ -51,52 +52,46 @@ class DLKANet(SegmentationNetwork):
                  decoder_blocks: int | None = None, dlka_from_stride: int = 4, deformable: str | None = None,
                  position_embedding: bool = False, layer_scale: float = 1e-6):
         super().__init__(topology)
-        layout = PAPER_LAYOUT[topology.dim]
-        encoder_blocks, bottleneck_blocks, decoder_blocks, deformable = (
-            layout[k] if v is None else v for k, v in (("encoder_blocks", encoder_blocks),
-                                                        ("bottleneck_blocks", bottleneck_blocks),
-                                                        ("decoder_blocks", decoder_blocks),
-                                                        ("deformable", deformable)))
-        if deformable not in DEFORMABLE:
-            raise PlansError(f"deformable must be one of {DEFORMABLE} or None, got {deformable!r}.")
-        if min(encoder_blocks, bottleneck_blocks, decoder_blocks) < 0:
-            raise PlansError("Block counts must be >= 0.")
+        given = dict(encoder_blocks=encoder_blocks, bottleneck_blocks=bottleneck_blocks,
+                     decoder_blocks=decoder_blocks, deformable=deformable)
+        layout = {k: PAPER_LAYOUT[topology.dim][k] if v is None else v for k, v in given.items()}
+        for option, value in layout.items():
+            if option != "deformable" and value < 0:
+                raise ConfigurationError(f"block counts must be >= 0, got {value}.", option)
+        encoder_blocks, bottleneck_blocks, decoder_blocks, deformable = layout.values()
         strides = topology.cumulative_strides()
         self.dlka_stages = [s for s in range(1, topology.n_stages) if max(strides[s]) >= dlka_from_stride]
         if not self.dlka_stages:
-            raise PlansError(f"D-LKA Net puts D-LKA blocks at stages downsampled by {dlka_from_stride} or more, "
-                             f"but these plans downsample by at most {list(strides[-1])}. Lower `dlka_from_stride` "
-                             "or plan a larger patch.")
+            raise ConfigurationError(f"D-LKA Net puts D-LKA blocks at stages downsampled by {dlka_from_stride} or "
+                                     f"more, but these plans downsample by at most {list(strides[-1])}. Lower "
+                                     "`dlka_from_stride` or plan a larger patch.")
         sizes = topology.feature_map_sizes()
         conv_op, features = topology.conv_op, topology.features_per_stage
-        norm = dict(norm_op=topology.norm_op, norm_op_kwargs=topology.norm_op_kwargs)
-        act = dict(nonlin=topology.nonlin, nonlin_kwargs=topology.nonlin_kwargs)
 
         def dlka_blocks(s: int, count: int) -> nn.Sequential:
-            return nn.Sequential(*(DLKABlock(conv_op, features[s], deformable, **norm, **act, layer_scale=layer_scale,
+            return nn.Sequential(*(DLKABlock(conv_op, features[s], deformable, **topology.norm_and_nonlin,
+                                             layer_scale=layer_scale,
                                              position_embedding=sizes[s] if position_embedding else None)
                                    for _ in range(count)))
 
-        self.encoder = topology.build_encoder(input_channels)
-        for s in self.dlka_stages:
+        def encoder_stage(s, plans_stage):
             count = bottleneck_blocks if s == topology.n_stages - 1 else encoder_blocks
-            if count:
-                # The paper's patch merging: a convolution with kernel = stride, then a norm.
-                merge = conv_op(features[s - 1], features[s], topology.strides[s], topology.strides[s])
-                self.encoder.stages[s] = nn.Sequential(merge, topology.norm(features[s]), dlka_blocks(s, count))
-        decoder_stages = [
-            dlka_blocks(s, decoder_blocks) if s in self.dlka_stages and decoder_blocks else
-            BasicBlockD(conv_op, features[s], features[s], topology.kernel_sizes[s], 1, topology.conv_bias, **norm, **act)
-            for s in range(topology.n_stages - 1)]
-        self.decoder = AdditiveSkipDecoder(topology, num_classes, deep_supervision, decoder_stages)
-        self.initialize()
+            if s not in self.dlka_stages or not count:
+                return plans_stage()
+            # The paper's patch merging: a convolution with kernel = stride, then a norm.
+            merge = conv_op(features[s - 1], features[s], topology.strides[s], topology.strides[s])
+            return nn.Sequential(merge, topology.norm(features[s]), dlka_blocks(s, count))
 
-    def initialize(self) -> None:
-        """nnU-Net's initialisation for the convolutional stages, the official one for D-LKA blocks."""
-        super().initialize()
-        for module in self.modules():
-            if isinstance(module, DLKABlock):
-                module.reset_parameters()
+        def decoder_stage(s, plans_stage):
+            if s in self.dlka_stages and decoder_blocks:
+                return dlka_blocks(s, decoder_blocks)
+            return BasicBlockD(conv_op, features[s], features[s], topology.kernel_sizes[s], 1, topology.conv_bias,
+                               **topology.norm_and_nonlin)
+
+        self.encoder = topology.build_encoder(input_channels, encoder_stage)
+        self.decoder = UNetDecoder(topology, num_classes, deep_supervision, decoder_stage, merge="add")
+        # nnU-Net's for the convolutional stages; D-LKA blocks keep the official one (DLKABlock.reset_parameters).
+        self.initialize(own_initialization=(DLKABlock,))
 
     @classmethod
     def synapse(cls, input_channels: int = 1, num_classes: int = 14, deep_supervision: bool = True,

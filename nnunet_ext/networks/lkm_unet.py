@@ -14,11 +14,10 @@ from typing import Sequence
 
 from torch import nn
 
-from dynamic_network_architectures.building_blocks.unet_residual_decoder import UNetResDecoder
-
-from nnunet_ext.blocks.large_kernel_mamba import LAYOUTS, LMBlock
-from nnunet_ext.networks.base import SegmentationNetwork
-from nnunet_ext.topology import PlansError, Topology
+from nnunet_ext.blocks.large_kernel_mamba import LMBlock
+from nnunet_ext.errors import ConfigurationError
+from nnunet_ext.networks.base import SegmentationNetwork, UNetDecoder
+from nnunet_ext.topology import Topology
 
 
 def default_windows(topology: Topology) -> list[tuple[int, ...]]:
@@ -60,16 +59,16 @@ class LKMUNet(SegmentationNetwork):
                  pixel_mamba: bool = True, patch_mamba: bool = True, bidirectional: bool = True,
                  zero_init_decoder: bool = False):
         super().__init__(topology)
-        if window_layout not in LAYOUTS:
-            raise PlansError(f"window_layout must be one of {LAYOUTS}, got {window_layout!r}.")
         self.window_sizes = self._windows(topology, window_sizes)
-        self.encoder = dataclasses.replace(topology, residual_encoder=True).build_encoder(input_channels)
-        for s, (window, size) in enumerate(zip(self.window_sizes, topology.feature_map_sizes())):
-            lm = LMBlock(topology.features_per_stage[s], window, size, window_layout, pixel_mamba, patch_mamba,
-                         d_state=d_state, d_conv=d_conv, expand=expand, bidirectional=bidirectional)
-            self.encoder.stages[s] = nn.Sequential(self.encoder.stages[s], lm)
-        self.decoder = UNetResDecoder(self.encoder, num_classes, list(topology.n_conv_per_stage_decoder),
-                                      deep_supervision)
+        sizes = topology.feature_map_sizes()
+
+        def stage(s, plans_stage):  # each residual stage ends in an LM block
+            lm = LMBlock(topology.features_per_stage[s], self.window_sizes[s], sizes[s], window_layout, pixel_mamba,
+                         patch_mamba, d_state=d_state, d_conv=d_conv, expand=expand, bidirectional=bidirectional)
+            return nn.Sequential(plans_stage(), lm)
+
+        self.encoder = dataclasses.replace(topology, residual_encoder=True).build_encoder(input_channels, stage)
+        self.decoder = UNetDecoder(topology, num_classes, deep_supervision, residual=True, encoder=self.encoder)
         self.initialize(identity_blocks=None if zero_init_decoder else self.encoder)
 
     @staticmethod
@@ -77,11 +76,13 @@ class LKMUNet(SegmentationNetwork):
         if window_sizes is None:
             return default_windows(topology)
         if len(window_sizes) != topology.n_stages:
-            raise PlansError(f"window_sizes needs one entry per stage ({topology.n_stages}), got {len(window_sizes)}.")
+            raise ConfigurationError(f"needs one entry per stage ({topology.n_stages}), got {len(window_sizes)}.",
+                                     "window_sizes")
         windows = []
         for w in window_sizes:
             w = (w,) * topology.dim if isinstance(w, int) else tuple(int(a) for a in w)
             if len(w) != topology.dim or min(w) < 1:
-                raise PlansError(f"Each window size must be a positive int or {topology.dim} positive ints, got {w}.")
+                raise ConfigurationError(f"each window size must be a positive int or {topology.dim} positive ints, "
+                                         f"got {w}.", "window_sizes")
             windows.append(w)
         return windows

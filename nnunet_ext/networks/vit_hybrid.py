@@ -10,16 +10,14 @@ sizes, and every decoder stage has a head. docs/vit_hybrid.md lists every deviat
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 from torch import nn
 
-from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
-
 from nnunet_ext.blocks.transformer import FeatureMapTransformer
-from nnunet_ext.networks.base import SegmentationNetwork
-from nnunet_ext.topology import PlansError, Topology
+from nnunet_ext.errors import ConfigurationError
+from nnunet_ext.networks.base import SegmentationNetwork, UNetDecoder
+from nnunet_ext.topology import Topology
 
 TRANSUNET_STRIDE = 16  # TransUNet's ResNet-50 hands the ViT a 1/16 feature map
 
@@ -58,16 +56,18 @@ class ViTransUNet(SegmentationNetwork):
         super().__init__(topology)
         self.transformer_stages = self._stages(topology, transformer_stages)
         if depth < 1:
-            raise PlansError(f"depth must be at least 1, got {depth}.")
-        self.encoder = topology.build_encoder(input_channels)
+            raise ConfigurationError(f"must be at least 1, got {depth}.", "depth")
         sizes = topology.feature_map_sizes()
-        for s in self.transformer_stages:
-            channels = topology.features_per_stage[s]
-            transformer = FeatureMapTransformer(topology.conv_op, channels, sizes[s], width, depth, heads, mlp_ratio,
-                                                drop_path_rate, topology.norm(channels), topology.nonlinearity())
-            self.encoder.stages[s] = nn.Sequential(self.encoder.stages[s], transformer)
-        self.extra_elements = sum(depth * heads * math.prod(sizes[s]) ** 2 for s in self.transformer_stages)
-        self.decoder = UNetDecoder(self.encoder, num_classes, list(topology.n_conv_per_stage_decoder), deep_supervision)
+
+        def stage(s, plans_stage):  # the stages in `transformer_stages` end in a transformer
+            if s not in self.transformer_stages:
+                return plans_stage()
+            transformer = FeatureMapTransformer(topology.conv_op, topology.features_per_stage[s], sizes[s], width,
+                                                depth, heads, mlp_ratio, drop_path_rate, **topology.norm_and_nonlin)
+            return nn.Sequential(plans_stage(), transformer)
+
+        self.encoder = topology.build_encoder(input_channels, stage)
+        self.decoder = UNetDecoder(topology, num_classes, deep_supervision, encoder=self.encoder)
         self.initialize()  # He for the convolutions; the transformers keep ViT's initialisation of linear layers
 
     @staticmethod
@@ -78,9 +78,9 @@ class ViTransUNet(SegmentationNetwork):
         if isinstance(stages, int):
             stages = [stages]
         if not stages or any(not -n <= s < n for s in stages):
-            raise PlansError(f"transformer_stages must name stages of these plans, 0 to {n - 1} (or -1 for the "
-                             f"bottleneck down to {-n}); got {list(stages)}.")
+            raise ConfigurationError(f"must name stages of these plans, 0 to {n - 1} (or -1 for the bottleneck down "
+                                     f"to {-n}); got {list(stages)}.", "transformer_stages")
         resolved = sorted({s % n for s in stages})
         if len(resolved) != len(stages):
-            raise PlansError(f"transformer_stages names a stage twice: {list(stages)}.")
+            raise ConfigurationError(f"names a stage twice: {list(stages)}.", "transformer_stages")
         return resolved

@@ -67,6 +67,10 @@ def b_spline_bases(x: torch.Tensor, grid: torch.Tensor, spline_order: int) -> to
     """All B-spline bases of order `spline_order` on the knots `grid` (features, n_knots), at
     x (..., features). Returns (..., features, n_knots - spline_order - 1) in float32, or in
     x's dtype if that is wider; differentiable in x (not in the knots)."""
+    # Overridable like torch's own functions, so that a TorchFunctionMode sees each call with its
+    # result: nnunet_ext.tools.memory counts the bases a network forms this way.
+    if torch.overrides.has_torch_function((x, grid)):
+        return torch.overrides.handle_torch_function(b_spline_bases, (x, grid), x, grid, spline_order)
     if grid.dim() != 2 or x.shape[-1] != grid.shape[0]:
         raise ValueError(f"x has {x.shape[-1]} features in its last axis but the grid has knots for "
                          f"{grid.shape[0] if grid.dim() == 2 else 'no'} features (shape {tuple(grid.shape)}).")

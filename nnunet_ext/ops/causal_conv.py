@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_ext.ops.cpu_kernel import CompiledCausalConv, cpu_kernel_available
+from nnunet_ext.ops.precision import autocast_off
 
 
 # torch.compile calls it as it is, like selective_scan_fn: a ctypes call cannot be traced.
@@ -18,7 +19,7 @@ def causal_conv1d_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     loop of nnunet_ext.ops.cpu_kernel where it is available (in x's layout); everything else runs
     F.conv1d.
     """
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device):
         x32, weight, bias = x.float(), weight.float(), None if bias is None else bias.float()
         if x.device.type == "cpu" and cpu_kernel_available():
             u = CompiledCausalConv.apply(x32, weight, bias)

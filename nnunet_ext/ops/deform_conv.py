@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from nnunet_ext.ops.precision import autocast_off
+
 # Sampled values (batch x channels x taps x output positions) held at once: 2**24 float32 = 64 MB.
 TAP_CHUNK_ELEMENTS = 2 ** 24
 
@@ -110,7 +112,7 @@ def _taps(input, offset, mask, weight, taps_chunk: slice, geometry) -> torch.Ten
     extent = torch.tensor(size, dtype=dtype, device=input.device)
     grid = ((2 * position + 1) / extent - 1).flip(-1)
     grid = grid.reshape(b * offset_groups, n_taps * out_size[0], *out_size[1:], dim)
-    with torch.autocast(input.device.type, enabled=False):
+    with autocast_off(input.device):
         sampled = F.grid_sample(input.to(dtype).reshape(b * offset_groups, c_in // offset_groups, *size), grid,
                                 mode="bilinear", padding_mode="zeros", align_corners=False)
     sampled = sampled.view(b, offset_groups, c_in // offset_groups, n_taps, -1)

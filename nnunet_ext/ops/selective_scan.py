@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from nnunet_ext.ops import cpu_kernel
 from nnunet_ext.ops.cpu_kernel import CompiledScan, cpu_kernel_available, env_switch
+from nnunet_ext.ops.precision import autocast_off
 
 # States (row, channel, position, n) materialised at once per tile; about six tensors of that size
 # are alive inside backward. On CPU, tiles that stay in cache are fastest (measured with
@@ -101,7 +102,7 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
                                              return_last_state)
     dtype_in = u.dtype
     f32 = (lambda t: None if t is None else t.float())
-    with torch.autocast(u.device.type, enabled=False):
+    with autocast_off(u.device):
         u32, delta32, A32, D32, z32, bias32 = (f32(t) for t in (u, delta, A, D, z, delta_bias))
         B32, C32 = (t.float() if t.dim() == 4 else t.float().unsqueeze(1) for t in (B, C))
         if u.device.type == "cpu" and cpu_kernel_available():

@@ -1,4 +1,4 @@
-"""Accuracy of trainers on one dataset, from nnU-Net's own cross-validation (`nnunet-ext compare`).
+"""`nnunet-ext compare`: the accuracy of trainers on one dataset, from nnU-Net's own cross-validation.
 
 nnU-Net writes `fold_k/validation/summary.json` for every fold it validates: the Dice of every case
 and class (NaN where neither the reference nor the prediction contains the class), per-class means
@@ -18,6 +18,10 @@ import statistics
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from nnunet_ext.tools.options import add_dataset_options, add_output_option
+from nnunet_ext.tools.report import (figure, markdown_table, output_paths, records, text_table, write_csv,
+                                     written)
 
 OVERALL = "mean"  # the row of the foreground mean; classes are named as in summary.json ("1", "(1, 2)")
 DEFAULT_FOLDS = (0, 1, 2, 3, 4)
@@ -199,11 +203,9 @@ def _p_text(p: float) -> str:
 
 
 def markdown_report(report: dict) -> str:
-    from nnunet_ext.report import markdown_table
-
     lines = [f"# {report['dataset']} {report['configuration']} ({report['plans']}): validation Dice",
              "", f"Baseline: {report['baseline']}. Mean ± std over folds of nnU-Net's per-fold means; the paired "
-             "comparison uses the cases both trainers validated (see nnunet_ext/compare.py).", "",
+             "comparison uses the cases both trainers validated (see nnunet_ext/tools/compare.py).", "",
              markdown_table(comparison_table(report))]
     if report["notes"]:
         lines += ["", *(f"- {n}" for n in report["notes"])]
@@ -212,8 +214,6 @@ def markdown_report(report: dict) -> str:
 
 def per_case_chart(report: dict, path) -> None:
     """A PNG with one panel per class and one overall: each trainer's per-case Dice (box and points)."""
-    from nnunet_ext.report import figure
-
     panels = [*report["classes"], OVERALL]
     trainers = report["trainers"]
     fig, axes = figure(2.5 + 3.0 * len(panels), 1.2 + 0.5 * len(trainers), ncols=len(panels), sharey=True,
@@ -234,3 +234,29 @@ def per_case_chart(report: dict, path) -> None:
     axes[0][0].invert_yaxis()
     fig.suptitle(f"{report['dataset']} {report['configuration']} ({report['plans']}): validation Dice per case")
     fig.savefig(path, dpi=120)
+
+
+def add_arguments(parser) -> None:
+    add_dataset_options(parser)
+    parser.add_argument("-tr", "--trainers", nargs="+",
+                        help="default: every trainer with results for the configuration")
+    parser.add_argument("--baseline", help="default: nnUNetTrainer if it has results, else the first trainer")
+    parser.add_argument("-f", "--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    add_output_option(parser)
+
+
+def main(args) -> int:
+    report = compare_trainers(args.dataset, args.configuration, args.trainers, args.baseline, args.plans,
+                                      args.folds)
+    print(f"{report['dataset']} {args.configuration} ({args.plans}): validation Dice per fold (nnU-Net's "
+          f"summary.json); baseline {report['baseline']}")
+    print(text_table(comparison_table(report)))
+    for note in report["notes"]:
+        print(note)
+    paths = output_paths(args.output, f"compare_{report['dataset']}_{args.plans}_{args.configuration}",
+                         ("md", "csv", "png"))
+    paths["md"].write_text(markdown_report(report))
+    write_csv(paths["csv"], records(report, ("dataset", "configuration", "plans", "baseline")))
+    per_case_chart(report, paths["png"])
+    written(paths)
+    return 0

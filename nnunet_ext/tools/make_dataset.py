@@ -1,4 +1,4 @@
-"""Tiny synthetic datasets in nnU-Net v2 raw format.
+"""`nnunet-ext make-dataset`: tiny synthetic datasets in nnU-Net v2 raw format.
 
 ``make_dataset`` writes a ``Dataset{id:03d}_{name}`` folder (``imagesTr``, ``labelsTr``, ``imagesTs``,
 ``dataset.json``) that the stock ``nnUNetv2_*`` commands accept as is. It exists so that the tests and the
@@ -19,12 +19,11 @@ import json
 import math
 import os
 import pathlib
+import sys
 from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
-
-__all__ = ["make_dataset"]
 
 # Spacing written for the dummy (slice) axis of 2D data. nnU-Net's own readers use 999 for 2D images
 # (NaturalImage2DIO, SimpleITKIO on true 2D files), and the planner relies on that axis having by far the
@@ -139,7 +138,7 @@ def make_dataset(
 
     dataset_json = {
         "name": name,
-        "description": f"Synthetic {dim}D dataset made by nnunet_ext.synthetic (seed {seed})",
+        "description": f"Synthetic {dim}D dataset made by nnunet_ext.tools.make_dataset (seed {seed})",
         "channel_names": _channel_names(n_channels),
         "labels": _labels(n_labels, regions, ignore_label),
         "numTraining": n_cases,
@@ -304,3 +303,34 @@ def _labels(n_labels: int, regions: bool, ignore_label: bool) -> dict[str, int |
     if ignore_label:
         labels["ignore"] = n_labels + 1
     return labels
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--raw", help="nnU-Net raw folder (default: $nnUNet_raw)")
+    parser.add_argument("--dataset-id", type=int, default=999)
+    parser.add_argument("--name", default="Synthetic")
+    parser.add_argument("--dim", type=int, choices=(2, 3), default=3)
+    parser.add_argument("--cases", type=int, default=10)
+    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--labels", type=int, default=2)
+    parser.add_argument("--shape", type=int, nargs="+", help="array order, e.g. 40 48 48")
+    parser.add_argument("--spacing", type=float, nargs="+", help="array order, e.g. 2 1 1")
+    parser.add_argument("--regions", action="store_true")
+    parser.add_argument("--ignore-label", action="store_true")
+    parser.add_argument("--object-scale", type=float, default=1.0,
+                        help="scale of the objects' radii (0.2 to 0.3 of the extent); 0.2 gives very small structures")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main(args) -> int:
+    raw = args.raw or os.environ.get("nnUNet_raw")
+    if not raw:
+        print("error: give --raw or set nnUNet_raw", file=sys.stderr)
+        return 2
+    folder = make_dataset(raw, args.dataset_id, args.name, dim=args.dim, n_cases=args.cases,
+                          n_channels=args.channels, n_labels=args.labels, regions=args.regions,
+                          ignore_label=args.ignore_label, object_scale=args.object_scale, seed=args.seed,
+                          **({"shape": args.shape} if args.shape else {}),
+                          **({"spacing": args.spacing} if args.spacing else {}))
+    print(folder)
+    return 0

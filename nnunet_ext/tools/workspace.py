@@ -1,6 +1,6 @@
 """Run the stock nnUNetv2_* commands in a self-contained workspace (raw, preprocessed, results).
 
-`nnunet-ext demo` and the end-to-end tests use this, so both exercise exactly what a user types.
+`nnunet-ext demo`, `real-data` and the end-to-end tests use this, so all exercise exactly what a user types.
 """
 
 from __future__ import annotations

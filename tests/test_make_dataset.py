@@ -1,4 +1,4 @@
-"""Tests for nnunet_ext.synthetic.make_dataset: file layout, geometry, content and nnU-Net's acceptance."""
+"""Tests for nnunet_ext.tools.make_dataset: file layout, geometry, content and nnU-Net's acceptance."""
 
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_ext.synthetic import _guaranteed_object_voxels, _random_label_map, make_dataset
+from nnunet_ext.tools.make_dataset import _guaranteed_object_voxels, _random_label_map, make_dataset
 
 SHAPE_3D = (16, 24, 20)
 SPACING_3D = (2.5, 1.0, 0.75)

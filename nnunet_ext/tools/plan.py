@@ -3,7 +3,7 @@
 nnU-Net's ExperimentPlanner shrinks the patch until its memory estimate for PlainConvUNet fits the GPU
 memory target, then spends what is left on batch size. `ArchitecturePlanner` keeps all of it
 (fingerprint, spacing, normalisation, resampling, that loop) and changes only the estimate: nnU-Net's
-times the architecture's memory relative to PlainConvUNet's (`nnunet_ext.memory`), on candidates the
+times the architecture's memory relative to PlainConvUNet's (`nnunet_ext.memory_models`), on candidates the
 architecture can be built on. nnU-Net has no hook for planners, so we run it through its Python API
 and the plans land under a name of their own, which stock `nnUNetv2_train -p NAME` reads.
 """
@@ -19,11 +19,12 @@ from copy import deepcopy
 from pathlib import Path
 
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
-from nnunet_ext.memory import Footprint, footprint, relative_memory
-from nnunet_ext.registry import Architecture
-from nnunet_ext.topology import PlansError, Topology
+from nnunet_ext.errors import ConfigurationError
+from nnunet_ext.memory_models import REFERENCE, relative_memory
+from nnunet_ext.registry import Architecture, get_architecture
+from nnunet_ext.tools.memory import footprint
+from nnunet_ext.tools.report import progress, text_table
 
 DEFAULT_GPU_MEMORY = 8.0  # GB, nnU-Net's own default target
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
@@ -34,11 +35,6 @@ DATA_KEYS = ("spacing", "preprocessor_name", "normalization_schemes", "use_mask_
 
 class PlanningError(ValueError):
     """The architecture cannot be planned as asked; the message says what to change."""
-
-
-def plans_name(arch: Architecture, gpu_memory: float) -> str:
-    """For example nnUNetPlans_LKMUNet_24G."""
-    return f"nnUNetPlans_{arch.trainer.removeprefix('nnUNetTrainer')}_{gpu_memory:g}G"
 
 
 class ArchitecturePlanner(ExperimentPlanner):
@@ -77,18 +73,17 @@ class ArchitecturePlanner(ExperimentPlanner):
         entry = {"network_class_name": arch_class_name, "arch_kwargs": deepcopy(arch_kwargs),
                  "_kw_requires_import": list(arch_kwargs_req_import)}
         try:
-            topology = Topology.from_plans(ConfigurationManager({"architecture": entry, "patch_size": list(patch_size)}))
-            net = self.architecture.build(topology, input_channels, output_channels)
-        except PlansError as e:
+            ours = footprint(self.architecture.name, entry, patch_size, input_channels, output_channels)
+        except ConfigurationError as e:
             raise self._no_patch_fits(patch_size, e) from None
-        plain = footprint(None, entry, patch_size, input_channels, output_channels)  # units: nnU-Net's estimate
-        ours = Footprint.of(net, plain.units)
-        estimate = plain.units * relative_memory(self.architecture.memory[len(patch_size)], len(patch_size), ours, plain)
+        plain = footprint(REFERENCE, entry, patch_size, input_channels, output_channels)  # units: nnU-Net's estimate
+        dim = len(patch_size)
+        estimate = plain.units * relative_memory(self.architecture.memory_model(dim), dim, ours, plain)
         self._smallest = (estimate, [int(p) for p in patch_size])
         self._by_patch[_key(patch_size, arch_kwargs["strides"])] = estimate
         return estimate
 
-    def _no_patch_fits(self, patch_size, error: PlansError) -> PlanningError:
+    def _no_patch_fits(self, patch_size, error: ConfigurationError) -> PlanningError:
         name, configuration = self.architecture.name, self._configuration
         if self._smallest is None:
             return PlanningError(f"{name} cannot be built on the {configuration} topology nnU-Net plans for this "
@@ -190,7 +185,9 @@ def plan(dataset, arch: Architecture, gpu_memory: float = DEFAULT_GPU_MEMORY,
     if not (folder / "dataset_fingerprint.json").is_file():
         raise PlanningError(f"No fingerprint for {name}; run nnUNetv2_extract_fingerprint -d {dataset} first "
                             "(nnUNetv2_plan_and_preprocess does too).")
-    identifier = plans_name(arch, gpu_memory)
+    for dim in {2 if c == "2d" else 3 for c in configurations or CONFIGURATIONS} & set(arch.dims):
+        arch.memory_model(dim)  # a missing model names the command that makes it, before nnU-Net plans anything
+    identifier = arch.plans_name(gpu_memory)
     planner = planner_for(arch)(name, gpu_memory_target_in_gb=gpu_memory, plans_name=identifier,
                                 configurations=configurations or CONFIGURATIONS)
     with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints every plan it considers
@@ -207,3 +204,40 @@ def plan(dataset, arch: Architecture, gpu_memory: float = DEFAULT_GPU_MEMORY,
             "default_batch_size": default.get(c, {}).get("batch_size"), "reused_data": data,
             "preprocessed": (folder / written["configurations"][c]["data_identifier"]).is_dir()}
     return summary
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("-d", "--dataset", required=True, help="name or id (its fingerprint must exist)")
+    parser.add_argument("-a", "--architecture", required=True, help="registered name (nnunet-ext list)")
+    parser.add_argument("--gpu-memory", type=float, help="GB of GPU memory to plan for (default: nnU-Net's, 8)")
+    parser.add_argument("-c", "--configurations", nargs="+",
+                        help="configurations to write (default: all nnU-Net plans)")
+
+
+def main(args) -> int:
+    arch = get_architecture(args.architecture)
+    gpu_memory = DEFAULT_GPU_MEMORY if args.gpu_memory is None else args.gpu_memory
+    progress(f"  planning {args.dataset} for {arch.name} within {gpu_memory:g} GB ...")
+    summary = plan(args.dataset, arch, gpu_memory, args.configurations)
+    print(f"{summary['dataset']}: plans {summary['plans']} for {arch.name}, GPU memory target "
+          f"{gpu_memory:g} GB (nnU-Net's estimate scaled by {arch.name}'s memory model)")
+    table = [["configuration", "patch", "batch", "estimated GPU memory", "nnU-Net's patch", "nnU-Net's batch",
+              "preprocessed data"]]
+    missing = []
+    for c, r in summary["configurations"].items():
+        default = "x".join(map(str, r["default_patch_size"])) if r["default_patch_size"] else "-"
+        data = f"{r['reused_data']} (nnU-Net's)" if r["reused_data"] else "its own"
+        if not r["preprocessed"]:
+            missing.append(c)
+            data += ", not preprocessed yet"
+        table.append([c, "x".join(map(str, r["patch_size"])), str(r["batch_size"]), f"{r['estimated_gb']:.3g} GB",
+                      default, str(r["default_batch_size"] or "-"), data])
+    print(text_table(table))
+    print(f"Written: {summary['file']}")
+    if missing:
+        print(f"Preprocess first: nnUNetv2_preprocess -d {args.dataset} -plans_name {summary['plans']} -c "
+              + " ".join(missing))
+    configurations = summary["configurations"]
+    first = "3d_fullres" if "3d_fullres" in configurations else next(iter(configurations))
+    print(f"Train: nnUNetv2_train {args.dataset} {first} 0 -tr {arch.trainer} -p {summary['plans']}")
+    return 0

@@ -1,13 +1,45 @@
-"""What the comparison commands print and write: aligned text tables, markdown tables, CSV, JSON and
-PNG charts. Charts use matplotlib's object API (no pyplot), so they need no display and leave the
-caller's matplotlib backend alone."""
+"""What the commands print and write: aligned text tables, markdown tables, CSV, JSON, PNG charts,
+numbers in their units, and progress lines. Charts use matplotlib's object API (no pyplot), so they
+need no display and leave the caller's matplotlib backend alone."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import sys
 from pathlib import Path
+
+
+def progress(text: str) -> None:
+    """A progress line, on stderr so that stdout holds only the results."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def error_text(error: Exception) -> str:
+    """An exception's message (KeyError's str() would quote it)."""
+    return str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+
+
+def written(paths: dict) -> None:
+    print("Written: " + ", ".join(str(p) for p in paths.values()))
+
+
+def ratio(value, reference) -> str:
+    return "-" if value is None or reference in (None, 0) else f"{value / reference:.2f}x"
+
+
+def megabytes(n: int) -> str:
+    return f"{n / 2 ** 20:,.0f} MB"
+
+
+def seconds(s) -> str:
+    return "-" if s is None or math.isnan(s) else f"{s:.3f} s"
+
+
+def memory_label(device: str) -> str:
+    """What a peak-memory column measures on `device` (nnunet_ext.tools.timing.timed_with_peak)."""
+    return "peak CUDA memory" if device == "cuda" else "peak RSS growth"
 
 
 def text_table(rows: list[list[str]]) -> str:
@@ -67,3 +99,19 @@ def output_paths(folder: str | Path, stem: str, suffixes: tuple[str, ...]) -> di
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     return {s: folder / f"{stem}.{s}" for s in suffixes}
+
+
+def implementation_table(rows: list[dict], first: str, names: tuple[str, ...], device: str) -> list[list[str]]:
+    """One row per shape of an operator benchmark: seconds per implementation, their ratios to the
+    first, and peak memory (`row[name]` holds "seconds" and "peak_bytes", or None where it did not run)."""
+    def field(row, name, key):
+        return None if row[name] is None else row[name][key]
+
+    table = [[first, "input", *names, *(f"{n} / {names[0]}" for n in names[1:]),
+              *(f"{memory_label(device)}: {n}" if i == 0 else n for i, n in enumerate(names))]]
+    for r in rows:
+        table.append([r["shape"], r["input"], *(seconds(field(r, n, "seconds")) for n in names),
+                      *(ratio(field(r, n, "seconds"), r[names[0]]["seconds"]) for n in names[1:]),
+                      *("-" if field(r, n, "peak_bytes") is None else megabytes(field(r, n, "peak_bytes"))
+                        for n in names)])
+    return table

@@ -1,0 +1,16 @@
+"""Regions that compute in float32 whatever autocast says."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def autocast_off(device: torch.device | str):
+    """A context in which autocast leaves the computation alone (its dtype is the inputs').
+
+    The meta device has no autocast, so there is nothing to switch off: networks run there without
+    data to count their activations (nnunet_ext.tools.memory)."""
+    device_type = torch.device(device).type
+    return contextlib.nullcontext() if device_type == "meta" else torch.autocast(device_type, enabled=False)
