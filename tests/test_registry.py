@@ -249,6 +249,9 @@ def test_a_sixth_architecture_is_one_module_and_one_entry(planned, tmp_path):
     unplanned = run("-m", "nnunet_ext.tools.cli", "plan", "-d", "999", "-a", "tiny", "-c", "2d", cwd=tmp_path)
     command = "nnunet-ext benchmark-memory -a tiny --dims 2 --fit --write"
     assert unplanned.returncode == 1 and command in unplanned.stderr and "Traceback" not in unplanned.stderr
+    doctor = run("-m", "nnunet_ext.tools.cli", "doctor", cwd=tmp_path)
+    assert doctor.returncode == 0 and "[ok  ] nnU-Net finds nnUNetTrainerTiny" in doctor.stdout
+    assert "[note] tiny: No 2D memory model for 'tiny'" in doctor.stdout and command in doctor.stdout
     fitted = run("-m", "nnunet_ext.tools.cli", *command.split()[1:], cwd=tmp_path)
     assert fitted.returncode == 0, fitted.stderr[-3000:]
     assert fitted.stdout.splitlines()[-1] == f"Stored in {copy / 'nnunet_ext' / 'memory_models.json'}: tiny 2D."

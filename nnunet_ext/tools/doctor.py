@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from nnunet_ext import discovery
+from nnunet_ext.memory_models import MissingMemoryModel
 from nnunet_ext.registry import ARCHITECTURES, fast_path_state
 from nnunet_ext.tools.options import add_dataset_options
 from nnunet_ext.tools.plans_io import load_configuration
@@ -44,7 +45,7 @@ def _doctor_checks(args):
     yield (discovery.is_configured(), f"{discovery.ENV_VAR}={os.environ.get(discovery.ENV_VAR) or '(unset)'}",
            'eval "$(nnunet-ext env)"')
     if discovery.is_configured():
-        import nnunet_ext.trainers as ours  # imports nnU-Net: only where the lookup can be checked
+        import nnunet_ext.trainers as ours
 
         for arch in ARCHITECTURES.values():
             try:
@@ -59,6 +60,11 @@ def _doctor_checks(args):
         for path in arch.fast_paths:
             missing = path.missing()
             yield None if missing else True, f"{arch.name}: {path.name} {fast_path_state(missing)}", ""
+        for dim in arch.dims:  # training does without; `nnunet-ext plan` does not
+            try:
+                arch.memory_model(dim)
+            except MissingMemoryModel as e:
+                yield None, f"{arch.name}: {error_text(e)}", ""
 
     if args.dataset is not None:
         yield from _doctor_plans(args)
