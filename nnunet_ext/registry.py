@@ -15,6 +15,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -126,6 +128,22 @@ class Architecture:
         if without:
             raise TypeError(f"{self.network}: every option needs a default in the signature; {without} have none.")
         return {p.name: p.default for p in options}
+
+    def option_values(self) -> dict[str, tuple]:
+        """Every value of each option whose annotation names them: a bool, or a typing.Literal (with None
+        where the option is optional). The tests build each, so every switch of the parameter set is covered."""
+        hints = typing.get_type_hints(self.network_class().__init__)
+        values = {}
+        for name in self.options():
+            hint = hints.get(name)
+            if hint is bool:
+                values[name] = (False, True)
+                continue
+            members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+            literals = [a for m in members if typing.get_origin(m) is typing.Literal for a in typing.get_args(m)]
+            if literals:
+                values[name] = (*literals, *((None,) if type(None) in members else ()))
+        return values
 
     def build(self, topology, input_channels: int, num_classes: int, deep_supervision: bool = True, **options):
         """Build the network on `topology` (nnunet_ext.topology.Topology); `options` override the defaults."""

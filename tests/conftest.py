@@ -156,18 +156,19 @@ def mamba_ssm():
     return mamba_ssm_reference.load()
 
 
-# The end-to-end rotation. Every end-to-end case is marked `matrix(architecture, variant)` (a variant is
-# a configuration, plans or dataset kind). A default run keeps one variant per architecture, chosen by
-# a rotation key that advances with each commit, so successive CI runs cover the whole matrix while
-# each stays inside CI's time budget; `--full-matrix` runs everything.
+# The rotations. Every end-to-end case is marked `matrix(architecture, variant)` (a variant is a
+# configuration, plans or dataset kind); other slow per-architecture cases join a rotation of their own
+# with `matrix(architecture, variant, group="<name>")`. A default run keeps one variant per architecture
+# and group, chosen by a rotation key that advances with each commit, so successive CI runs cover every
+# case while each stays inside CI's time budget; `--full-matrix` runs everything.
 
 def pytest_addoption(parser):
     parser.addoption("--full-matrix", action="store_true",
-                     help="run every end-to-end case, not one variant per architecture (docs/testing.md)")
+                     help="run every case of the rotations, not one variant per architecture (docs/testing.md)")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "matrix(architecture, variant): an end-to-end case of the rotation")
+    config.addinivalue_line("markers", "matrix(architecture, variant, group='end-to-end'): a case of a rotation")
 
 
 def rotation_key() -> int:
@@ -190,17 +191,26 @@ def rotation(cases: list[tuple[str, str]], key: int) -> set[tuple[str, str]]:
     return chosen
 
 
+def rotation_by_group(cases: list[tuple[str, str, str]], key: int) -> set[tuple[str, str, str]]:
+    """`rotation` within each group of (group, architecture, variant) cases."""
+    return {(group, a, v) for group in {g for g, _, _ in cases}
+            for a, v in rotation([(a, v) for g, a, v in cases if g == group], key)}
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--full-matrix"):
         return
-    case = {item: tuple(item.get_closest_marker("matrix").args) for item in items
-            if item.get_closest_marker("matrix")}
+    case = {}  # item -> (group, architecture, variant)
+    for item in items:
+        marker = item.get_closest_marker("matrix")
+        if marker:
+            case[item] = (marker.kwargs.get("group", "end-to-end"), *marker.args)
     if not case:
         return
     key = rotation_key()
-    chosen = rotation(list(case.values()), key)
+    chosen = rotation_by_group(list(case.values()), key)
     config.rotation_report = f"end-to-end rotation {key} (NNUNET_EXT_ROTATION={key} repeats it, " \
-        f"--full-matrix runs all): " + ", ".join(f"{a}-{v}" for a, v in sorted(chosen))
+        f"--full-matrix runs all): " + ", ".join(f"{a}-{v}" for _, a, v in sorted(chosen))
     deselected = [item for item in items if item in case and case[item] not in chosen]
     if deselected:
         config.hook.pytest_deselected(items=deselected)

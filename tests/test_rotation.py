@@ -1,6 +1,6 @@
-"""The end-to-end rotation (conftest.py): each run one variant per architecture, successive runs all."""
+"""The rotations (conftest.py): each run one variant per architecture and group, successive runs all."""
 
-from conftest import rotation
+from conftest import rotation, rotation_by_group
 
 CASES = [(a, v) for a in ("attention_unet", "lkm_unet", "vit") for v in ("2d", "3d_fullres")] + \
         [("vit", "3d_lowres"), ("single", "2d")]
@@ -16,3 +16,14 @@ def test_each_run_keeps_one_variant_per_architecture_and_mixes_variants():
 def test_consecutive_keys_cover_the_whole_matrix():
     covered = set().union(*(rotation(CASES, key) for key in range(3)))  # 3: the most variants of one architecture
     assert covered == set(CASES)
+
+
+def test_each_group_rotates_on_its_own():
+    cases = [("end-to-end", a, v) for a, v in CASES] + [("fp16", a, v) for a in ("attention_unet", "vit")
+                                                         for v in ("fp16-2d", "fp16-3d_fullres")]
+    for key in range(6):
+        chosen = rotation_by_group(cases, key)
+        end_to_end = {("end-to-end", *c) for c in rotation(CASES, key)}
+        assert {(g, a, v) for g, a, v in chosen if g == "end-to-end"} == end_to_end
+        assert sorted(a for g, a, _ in chosen if g == "fp16") == ["attention_unet", "vit"]
+    assert set().union(*(rotation_by_group(cases, key) for key in range(3))) == set(cases)

@@ -11,6 +11,7 @@ from torch import nn
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 
 from nnunet_ext.blocks import layers
+from nnunet_ext.ops.precision import autocast_off
 
 
 class AttentionGate(nn.Module):
@@ -47,6 +48,10 @@ class NonLocalSelfAttention(nn.Module):
     Query and key are 1x1 convolutions to channels // reduction, value keeps the channels; the
     attention is softmax(Q K^T) V over positions, unscaled as in the seed, and the block returns
     x + gamma * attention with gamma initialised to 0, so it starts as the identity.
+
+    It computes in float32 (at least) under autocast: unscaled logits reach thousands, where float16 resolves
+    only whole units, and the softmax of such logits is off by several percent (tests/
+    test_mixed_precision.py). It runs at low resolutions only, where float32 costs little.
     """
 
     def __init__(self, conv_op: type[nn.Module], channels: int, reduction: int = 8):
@@ -61,6 +66,8 @@ class NonLocalSelfAttention(nn.Module):
         def tokens(t):  # (b, c, *spatial) -> (b, 1 head, positions, c)
             return t.flatten(2).transpose(1, 2).unsqueeze(1)
 
-        out = F.scaled_dot_product_attention(tokens(self.query(x)), tokens(self.key(x)), tokens(self.value(x)),
-                                             scale=1.0)
-        return x + self.gamma * out.squeeze(1).transpose(1, 2).reshape(x.shape)
+        with autocast_off(x.device):
+            wide = x.to(torch.promote_types(x.dtype, torch.float32))
+            out = F.scaled_dot_product_attention(tokens(self.query(wide)), tokens(self.key(wide)),
+                                                 tokens(self.value(wide)), scale=1.0)
+            return (wide + self.gamma * out.squeeze(1).transpose(1, 2).reshape(x.shape)).to(x.dtype)

@@ -9,7 +9,7 @@ from the official code.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 import torch
 from torch import nn
@@ -24,7 +24,8 @@ from nnunet_ext.ops.deform_conv import deform_conv
 
 # Where the deformation goes: "none" is plain LKA; "depthwise" makes both depthwise convolutions
 # deformable (the paper's 2D D-LKA); "extra" adds one deformable 3^d convolution after them (3D).
-DEFORMABLE = ("none", "depthwise", "extra")
+Deformable = Literal["none", "depthwise", "extra"]
+DEFORMABLE = get_args(Deformable)
 
 
 class DeformableConv(nn.Module):
@@ -75,7 +76,7 @@ class LKA(nn.Module):
     """attention = 1x1( dilated depthwise 7 (dilation 3)( depthwise 5(x) ) ); returns x * attention
     (no softmax). `deformable` picks where the deformation goes (see `DEFORMABLE`)."""
 
-    def __init__(self, conv_op: type[nn.Module], channels: int, deformable: str = "none"):
+    def __init__(self, conv_op: type[nn.Module], channels: int, deformable: Deformable = "none"):
         super().__init__()
         if deformable not in DEFORMABLE:
             raise ConfigurationError(f"must be one of {DEFORMABLE}, got {deformable!r}.", "deformable")
@@ -100,7 +101,7 @@ class LKA(nn.Module):
 class LKAAttention(nn.Module):
     """x + proj_2(LKA(GELU(proj_1(x)))): VAN's attention module around (D-)LKA."""
 
-    def __init__(self, conv_op: type[nn.Module], channels: int, deformable: str = "none"):
+    def __init__(self, conv_op: type[nn.Module], channels: int, deformable: Deformable = "none"):
         super().__init__()
         self.proj_1 = conv_op(channels, channels, 1)
         self.activation = nn.GELU()
@@ -120,8 +121,8 @@ class DLKABlock(nn.Module):
     embedding before the norm, zero-initialised and resampled when another size arrives.
     """
 
-    def __init__(self, conv_op: type[nn.Module], channels: int, deformable: str, norm_op=None, norm_op_kwargs=None,
-                 nonlin=None, nonlin_kwargs=None, layer_scale: float = 1e-6,
+    def __init__(self, conv_op: type[nn.Module], channels: int, deformable: Deformable, norm_op=None,
+                 norm_op_kwargs=None, nonlin=None, nonlin_kwargs=None, layer_scale: float = 1e-6,
                  position_embedding: Sequence[int] | None = None):
         super().__init__()
         self.position_embedding = None if position_embedding is None else \

@@ -9,7 +9,7 @@ docs/ukan.md lists every deviation from the paper and the official code.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,8 @@ from nnunet_ext.blocks import layers
 from nnunet_ext.errors import ConfigurationError
 from nnunet_ext.ops.b_spline import b_spline_bases, fit_spline_coefficients, uniform_grid
 
-TOKEN_MIXERS = ("kan", "mlp")
+TokenMixer = Literal["kan", "mlp"]  # KANLinear, or nn.Linear (the paper's ablation)
+TOKEN_MIXERS = get_args(TokenMixer)
 
 
 def _init_spline_weight(weight: torch.Tensor, grid: torch.Tensor, spline_order: int, scale_noise: float,
@@ -222,8 +223,9 @@ class TokenizedKANLayer(nn.Module):
     nn.Linear: `token_mixer="mlp"`, the paper's ablation), a depthwise 3^d convolution, norm and
     nonlinearity. Tokens are the positions of a (b, c, *size) feature map."""
 
-    def __init__(self, conv_op: type[nn.Module], channels: int, token_mixer: str = "kan", token_shift: bool = True,
-                 norm_op=None, norm_op_kwargs=None, nonlin=None, nonlin_kwargs=None, **kan_kwargs):
+    def __init__(self, conv_op: type[nn.Module], channels: int, token_mixer: TokenMixer = "kan",
+                 token_shift: bool = True, norm_op=None, norm_op_kwargs=None, nonlin=None, nonlin_kwargs=None,
+                 **kan_kwargs):
         super().__init__()
         if token_mixer not in TOKEN_MIXERS:
             raise ConfigurationError(f"must be one of {TOKEN_MIXERS}, got {token_mixer!r}.", "token_mixer")

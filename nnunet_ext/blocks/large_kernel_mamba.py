@@ -21,7 +21,7 @@ A map that the window does not divide is zero-padded at the end of each axis and
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,8 @@ from nnunet_ext.blocks.mamba import Mamba
 from nnunet_ext.errors import ConfigurationError
 from nnunet_ext.ops.precision import autocast_off
 
-LAYOUTS = ("contiguous", "strided")
+WindowLayout = Literal["contiguous", "strided"]  # see the module docstring
+LAYOUTS = get_args(WindowLayout)
 
 
 class BiMamba(nn.Module):
@@ -78,7 +79,7 @@ def merge_axes(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 class _WindowedMamba(nn.Module):
     """A BiM on tokens taken from `window`-sized windows in `layout` (see the module docstring)."""
 
-    def __init__(self, channels: int, window: Sequence[int], layout: str, **mamba):
+    def __init__(self, channels: int, window: Sequence[int], layout: WindowLayout, **mamba):
         super().__init__()
         self.window, self.layout = tuple(window), layout
         self.mamba = BiMamba(channels, **mamba)
@@ -121,7 +122,7 @@ class LMBlock(nn.Module):
     A_log would never get a gradient (DDP rejects unused parameters).
     """
 
-    def __init__(self, channels: int, window: Sequence[int], size: Sequence[int], layout: str = "contiguous",
+    def __init__(self, channels: int, window: Sequence[int], size: Sequence[int], layout: WindowLayout = "contiguous",
                  pixel_mamba: bool = True, patch_mamba: bool = True, **mamba):
         super().__init__()
         if layout not in LAYOUTS:

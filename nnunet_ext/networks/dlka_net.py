@@ -15,7 +15,7 @@ from torch import nn
 
 from dynamic_network_architectures.building_blocks.residual import BasicBlockD
 
-from nnunet_ext.blocks.deformable_lka import DLKABlock
+from nnunet_ext.blocks.deformable_lka import Deformable, DLKABlock
 from nnunet_ext.errors import ConfigurationError
 from nnunet_ext.networks.base import SegmentationNetwork, UNetDecoder
 from nnunet_ext.topology import Topology
@@ -49,7 +49,7 @@ class DLKANet(SegmentationNetwork):
 
     def __init__(self, topology: Topology, input_channels: int, num_classes: int, deep_supervision: bool = True,
                  encoder_blocks: int | None = None, bottleneck_blocks: int | None = None,
-                 decoder_blocks: int | None = None, dlka_from_stride: int = 4, deformable: str | None = None,
+                 decoder_blocks: int | None = None, dlka_from_stride: int = 4, deformable: Deformable | None = None,
                  position_embedding: bool = False, layer_scale: float = 1e-6):
         super().__init__(topology)
         given = dict(encoder_blocks=encoder_blocks, bottleneck_blocks=bottleneck_blocks,

@@ -14,7 +14,7 @@ from typing import Sequence
 
 from torch import nn
 
-from nnunet_ext.blocks.large_kernel_mamba import LMBlock
+from nnunet_ext.blocks.large_kernel_mamba import LMBlock, WindowLayout
 from nnunet_ext.errors import ConfigurationError
 from nnunet_ext.networks.base import SegmentationNetwork, UNetDecoder
 from nnunet_ext.topology import Topology
@@ -54,7 +54,7 @@ class LKMUNet(SegmentationNetwork):
     """
 
     def __init__(self, topology: Topology, input_channels: int, num_classes: int, deep_supervision: bool = True,
-                 window_sizes: Sequence[int | Sequence[int]] | None = None, window_layout: str = "contiguous",
+                 window_sizes: Sequence[int | Sequence[int]] | None = None, window_layout: WindowLayout = "contiguous",
                  d_state: int = 16, d_conv: int = 4, expand: float = 2,
                  pixel_mamba: bool = True, patch_mamba: bool = True, bidirectional: bool = True,
                  zero_init_decoder: bool = False):

@@ -15,7 +15,7 @@ from torch import nn
 
 from dynamic_network_architectures.building_blocks.patch_encode_decode import LayerNormNd
 
-from nnunet_ext.blocks.kan import KANConv, TokenizedKANBlock
+from nnunet_ext.blocks.kan import KANConv, TokenizedKANBlock, TokenMixer
 from nnunet_ext.errors import ConfigurationError
 from nnunet_ext.networks.base import SegmentationNetwork, UNetDecoder
 from nnunet_ext.topology import Topology
@@ -47,7 +47,7 @@ class UKAN(SegmentationNetwork):
     """
 
     def __init__(self, topology: Topology, input_channels: int, num_classes: int, deep_supervision: bool = True,
-                 token_mixer: str = "kan", token_shift: bool = True, kan_conv: bool = False, depth: int = 1,
+                 token_mixer: TokenMixer = "kan", token_shift: bool = True, kan_conv: bool = False, depth: int = 1,
                  drop_path_rate: float = 0.0, grid_size: int = 5, spline_order: int = 3):
         super().__init__(topology)
         n = topology.n_stages
