@@ -82,6 +82,8 @@ class Architecture:
     presets: named sets of options, each with a trainer of its own, `<trainer><Name>` (`official`
         gives nnUNetTrainer<...>Official).
     fast_paths: optional accelerated code paths, reported by `list`, `doctor` and the training log.
+    compile_off: why nnU-Net's torch.compile (on by default on CUDA) is turned off for it, which the
+        training log says; empty where it compiles.
     """
 
     name: str
@@ -93,6 +95,7 @@ class Architecture:
     recipe: str = "nnunet_ext.trainers.base:nnUNetExtTrainer"
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     fast_paths: tuple[FastPath, ...] = ()
+    compile_off: str = ""
 
     def __post_init__(self):
         problems = []
@@ -223,6 +226,9 @@ register(Architecture(
     reference="Wang et al., LKM-UNet, MICCAI 2024; seed 004",
     fast_paths=(FastPath("mamba-ssm CUDA selective scan", "nnunet_ext.ops.selective_scan:kernels_off_reason"),
                 FastPath("compiled CPU Mamba loops", "nnunet_ext.ops.cpu_kernel:cpu_kernel_off_reason", "cpu")),
+    compile_off="the selective scan and Mamba's convolution are C or CUDA kernels, which tracing stops at; the graph "
+                "breaks fall inside the stages' loops, so the network compiles as many small frames whose "
+                "recompiles make shapes dynamic, and inductor fails on them (docs/lkm_unet.md)",
 ))
 
 register(Architecture(
@@ -233,6 +239,9 @@ register(Architecture(
     summary="U-Net with deformable large-kernel attention (D-LKA) blocks at 1/4 resolution and below: "
             "in encoder and decoder (3D), in the decoder of the plans' convolutional encoder (2D)",
     reference="Azad et al., Beyond Self-Attention: Deformable Large Kernel Attention, WACV 2024; seed 001",
+    compile_off="the deformable convolution samples its kernel taps in memory-bounded chunks, a loop that tracing "
+                "unrolls: 25 to 49 recomputed chunks per convolution at nnU-Net-sized 2D plans, and compiling takes "
+                "longer than the training gains (docs/dlka_net.md)",
 ))
 
 register(Architecture(

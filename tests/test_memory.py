@@ -24,7 +24,7 @@ from nnunet_ext.tools.cli import main
 
 def test_live_tensor_bytes_follow_allocations_and_frees():
     weight = torch.ones(300, 10)
-    with memory._LiveTensorBytes(existing=[weight]) as counter:
+    with memory.LiveTensorBytes(existing=[weight]) as counter:
         transposed = weight.t()  # a view of an existing tensor: nothing allocated
         a = torch.ones(1000)  # 4000 bytes
         b = torch.ones(2000)  # 8000

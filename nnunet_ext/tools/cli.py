@@ -31,6 +31,10 @@ COMMANDS = {
     "benchmark-memory": ("benchmark_memory", "measured training memory of every architecture and PlainConvUNet at "
                                              "the patches the memory models are fitted on and at others, against "
                                              "the models' estimates; --fit --write makes and stores the models"),
+    "gpu-check": ("gpu_check", "the GPU acceptance run: every architecture's fp16 training steps, compiled and "
+                               "eager, step time and peak memory against nnU-Net's network and the memory model, "
+                               "the selective scan against float64; writes markdown and JSON (--device cpu --quick "
+                               "in CI)"),
     "benchmark-scan": ("benchmark_scan", "selective scan vs a sequential loop and mambapy's pscan, at LKM-UNet's "
                                          "window shapes"),
     "benchmark-dlka": ("benchmark_dlka", "deformable convolution vs torchvision (2D) and an unfused reference, and "

@@ -40,7 +40,7 @@ TOLERANCE = 0.2  # the estimate must be within 20% of the measured peak on CHECK
 _SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax)
 
 
-class _LiveTensorBytes(TorchDispatchMode):
+class LiveTensorBytes(TorchDispatchMode):
     """Counts the bytes of the storages operators allocate while active, and their peak. Storages of
     `existing` tensors (weights, the input) are not counted when an operator returns a view of them.
     A weak reference keeps a storage's identity until it is swept, so an address is never reused
@@ -75,7 +75,7 @@ class _LiveTensorBytes(TorchDispatchMode):
 def training_peak_bytes(net: torch.nn.Module, x: torch.Tensor) -> int:
     """Peak bytes of the tensors allocated by one forward and backward pass of `net` on `x`."""
     net.zero_grad(set_to_none=True)
-    with _LiveTensorBytes(existing=[*net.parameters(), *net.buffers(), x]) as counter:
+    with LiveTensorBytes(existing=[*net.parameters(), *net.buffers(), x]) as counter:
         outputs = net(x)
         outputs = [outputs] if isinstance(outputs, torch.Tensor) else outputs
         sum(o.float().mean() for o in outputs).backward()

@@ -31,6 +31,15 @@ class nnUNetExtTrainer(nnUNetTrainer):
             Topology.from_plans(configuration_manager), num_input_channels, num_output_channels,
             deep_supervision=enable_deep_supervision, **cls.network_options)
 
+    def _do_i_compile(self) -> bool:
+        """nnU-Net's answer (on by default on CUDA), unless the architecture's entry says why it cannot be
+        compiled well; then the training log says so, once."""
+        compiles, off = super()._do_i_compile(), get_architecture(self.architecture).compile_off
+        if compiles and off and not getattr(self, "_said_compile_off", False):
+            self.print_to_log_file(f"torch.compile is off for {self.architecture}: {off}.")
+            self._said_compile_off = True
+        return compiles and not off
+
     def on_train_start(self) -> None:
         super().on_train_start()
         for path in get_architecture(self.architecture).fast_paths:  # a slow run should say why
