@@ -23,19 +23,23 @@ from nnunet_ext.registry import ARCHITECTURES
 
 TOPOLOGIES = {2: make_topology(2, [(1, 1), (2, 2), (2, 2), (2, 2)], [8, 16, 32, 32], (32, 48)),
               3: make_topology(3, [(1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2)], [4, 8, 16, 16], (8, 32, 32))}
-COMPILED = [(name, dim) for name, arch in ARCHITECTURES.items() if not arch.compile_off for dim in arch.dims]
+# (architecture, preset or "default", dimension) for every architecture that compiles
+COMPILED = [(name, preset, dim) for name, arch in ARCHITECTURES.items() if not arch.compile_off
+            for preset in ("default", *arch.presets) for dim in arch.dims]
 
 
-@pytest.mark.parametrize("name,dim", [  # one case per run: a single pseudo-architecture, "compile"
-    pytest.param(n, d, marks=pytest.mark.matrix("compile", f"inductor-{n}-{d}d", group="compile"), id=f"{n}-{d}d")
-    for n, d in COMPILED])
-def test_inductor_gives_eagers_training_step_and_output_in_one_graph(name, dim):
+@pytest.mark.parametrize("name,preset,dim", [  # one case per run: a single pseudo-architecture, "compile"
+    pytest.param(n, p, d, marks=pytest.mark.matrix("compile", f"inductor-{n}-{p}-{d}d", group="compile"),
+                 id=f"{n}-{p}-{d}d") for n, p, d in COMPILED])
+def test_inductor_gives_eagers_training_step_and_output_in_one_graph(name, preset, dim):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     topology = TOPOLOGIES[dim]
-    options = {"drop_path_rate": 0.0} if "drop_path_rate" in ARCHITECTURES[name].options() else {}  # nothing random
+    arch = ARCHITECTURES[name]
+    options = {**arch.presets.get(preset, {}),
+               **({"drop_path_rate": 0.0} if "drop_path_rate" in arch.options() else {})}  # nothing random
     torch.manual_seed(0)
-    net = ARCHITECTURES[name].build(topology, 1, 3, **options)
+    net = arch.build(topology, 1, 3, **options)
     x = torch.randn(2, 1, *topology.patch_size, generator=torch.Generator().manual_seed(1))
 
     def step(model):
