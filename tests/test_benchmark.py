@@ -131,7 +131,7 @@ def test_benchmark_dlka_command_prints_both_tables(monkeypatch, capsys):
     assert [line.split()[:2] for line in out[3:5]] == [["tiny", "2D"], ["tiny", "3D"]]
     assert out[4].split()[7] == "-"  # no torchvision in 3D
     papers = {line.split(" (")[0]: line for line in out[8:]}
-    assert set(papers) == {"paper", "paper's text", "official code"}
+    assert set(papers) == {"paper", "paper's text", "ours, official layout"}
     assert "42.35 M" in papers["paper"] and "66.96" in papers["paper"]
 
 

@@ -86,7 +86,7 @@ DLKA_PAPER = {"parameters": 42.35e6, "macs": 66.96e9}
 
 def dlka_paper_comparison() -> list[dict]:
     """D-LKA Net at the paper's Synapse configuration (one 64x128x128 input), as the paper describes
-    it and as the official code builds it, with MACs counted with and without the deformable
+    it and ours in the official code's layout (not the official network: docs/dlka_net.md), with MACs counted with and without the deformable
     convolutions' own products (fvcore, which the paper used, cannot see the official CUDA operator)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -95,7 +95,7 @@ def dlka_paper_comparison() -> list[dict]:
 
     rows = []
     for name, options in (("paper's text (3/2/3 blocks)", {}),
-                          ("official code (3/3/3 blocks, position embedding)",
+                          ("ours, official layout (3/3/3 blocks, position embedding)",
                            {"bottleneck_blocks": 3, "position_embedding": True})):
         net = DLKANet.synapse(**options).eval()
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
