@@ -66,6 +66,11 @@ def test_benchmark_command_compares_with_nnunets_network_and_primus(planned, tmp
     for r in report["rows"]:
         for key in bm.NETWORK_FIGURES:
             assert r[key] > 0 and r[f"{key}_vs_nnunet"] == pytest.approx(r[key] / reference[key])
+        for key, time_key in (("train", "train_seconds"), ("inference", "inference_seconds")):
+            expected = (r["flops"] / r[time_key]) / (reference["flops"] / reference[time_key])
+            assert r[f"{key}_throughput_vs_nnunet"] == pytest.approx(expected)
+    assert lines[1].split()[-4:] == ["throughput,", "training", "throughput,", "inference"]
+    assert lines[3].split()[-2:] == ["1.00", "1.00"]
     written = list(csv.DictReader(open(stem.with_suffix(".csv"))))
     assert [(w["network"], float(w["train_seconds"])) for w in written] == \
         [(r["network"], r["train_seconds"]) for r in report["rows"]]

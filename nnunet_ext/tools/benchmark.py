@@ -99,6 +99,11 @@ def _measure_network(name: str, dataset, configuration: str, plans: str, device:
 # The figures measured per network; each also comes as a ratio to nnU-Net's network (`<figure>_vs_nnunet`).
 NETWORK_FIGURES = {"parameters": "parameters", "flops": "GFLOPs/patch", "train_seconds": "train step",
                    "inference_seconds": "inference/patch", "peak_bytes": "peak memory"}
+# Arithmetic throughput (forward FLOPs per second) relative to nnU-Net's network's, in training and in
+# inference: below 1, a network spends more time than its counted arithmetic explains (work the FLOP
+# counter does not see, such as sampling, spline bases or the scan, or slow kernels).
+THROUGHPUTS = {"train_throughput_vs_nnunet": ("train_seconds", "throughput, training"),
+               "inference_throughput_vs_nnunet": ("inference_seconds", "throughput, inference")}
 
 
 def benchmark_networks(names, dataset, configuration: str, plans: str = "nnUNetPlans",
@@ -119,6 +124,9 @@ def benchmark_networks(names, dataset, configuration: str, plans: str = "nnUNetP
     for row in rows:
         for key in NETWORK_FIGURES:
             row[f"{key}_vs_nnunet"] = row[key] / rows[0][key] if rows[0][key] else None
+        for key, (time_key, _) in THROUGHPUTS.items():
+            row[key] = (row["flops_vs_nnunet"] / row[f"{time_key}_vs_nnunet"]
+                        if row["flops_vs_nnunet"] and row[f"{time_key}_vs_nnunet"] else None)
     return {"dataset": maybe_convert_to_dataset_name(dataset), "configuration": configuration, "plans": plans,
             "device": device, "repeats": repeats, "patch_size": list(cm.patch_size), "batch_size": cm.batch_size,
             "reference": cm.network_arch_class_name.rsplit(".", 1)[-1], "torch": torch.__version__,
@@ -126,16 +134,17 @@ def benchmark_networks(names, dataset, configuration: str, plans: str = "nnUNetP
 
 
 def network_table(report: dict) -> list[list[str]]:
-    """The report as table rows: each figure, then its ratio to nnU-Net's network."""
+    """The report as table rows: each figure, then its ratio to nnU-Net's network; then the throughputs."""
     formats = {"parameters": lambda v: f"{v / 1e6:.2f} M", "flops": lambda v: f"{v / 1e9:.2f}",
                "train_seconds": seconds, "inference_seconds": seconds, "peak_bytes": megabytes}
     header = ["network"]
     for key, label in NETWORK_FIGURES.items():
         header += [memory_label(report["device"]) if key == "peak_bytes" else label, "vs nnU-Net"]
-    table = [header]
+    table = [header + [label for _, label in THROUGHPUTS.values()]]
     for r in report["rows"]:
         table.append([r["network"]] + [cell for key in NETWORK_FIGURES
-                                       for cell in (formats[key](r[key]), ratio(r[key], report["rows"][0][key]))])
+                                       for cell in (formats[key](r[key]), ratio(r[key], report["rows"][0][key]))]
+                     + ["-" if r[key] is None else f"{r[key]:.2f}" for key in THROUGHPUTS])
     return table
 
 
