@@ -68,30 +68,46 @@ def mixed_precision(device: torch.device):
     return torch.autocast(device.type, enabled=device.type == "cuda")
 
 
-def _measure_network(name: str, dataset, configuration: str, plans: str, device: str, repeats: int) -> dict:
+def network_on_plans(name: str, dataset, configuration: str, plans: str, device: torch.device):
+    """`name` (a registered architecture or one of REFERENCES) built from a dataset's plans on `device`,
+    a random batch of the plans' patch and batch size, and a training step on it (forward with deep
+    supervision, backward; under autocast on CUDA, as nnU-Net trains)."""
     torch.manual_seed(0)
     cm, input_channels, heads = load_configuration(dataset, configuration, plans)
     net = (REFERENCES[name](cm, input_channels, heads) if name in REFERENCES else
-           get_architecture(name).build(Topology.from_plans(cm), input_channels, heads))
-    dev = torch.device(device)
-    net = net.to(dev)
-    x = torch.randn(cm.batch_size, input_channels, *cm.patch_size, device=dev)
+           get_architecture(name).build(Topology.from_plans(cm), input_channels, heads)).to(device)
+    x = torch.randn(cm.batch_size, input_channels, *cm.patch_size, device=device)
 
     def train_step():
         net.zero_grad(set_to_none=True)
-        with mixed_precision(dev):
+        with mixed_precision(device):
             outputs = net(x)
         outputs = [outputs] if isinstance(outputs, torch.Tensor) else outputs  # Primus: no deep supervision
         sum(o.float().mean() for o in outputs).backward()
 
-    train_seconds, peak = timed_with_peak(train_step, repeats, dev)
-    flops = forward_flops(net, x[:1])
-    # Sliding-window inference as nnU-Net's predictor runs it: one patch, evaluation mode, no deep supervision.
+    return net, x, train_step
+
+
+def patch_prediction(net: torch.nn.Module, x: torch.Tensor, device: torch.device):
+    """One patch of sliding-window inference as nnU-Net's predictor runs it: evaluation mode, no deep
+    supervision, autocast on CUDA. Switches `net` to evaluation; returns the call."""
     net.eval()
     if hasattr(net, "decoder"):
         net.decoder.deep_supervision = False
-    with torch.inference_mode(), mixed_precision(dev):
-        inference_seconds = timed(lambda: net(x[:1]), repeats, dev)
+
+    def predict():
+        with torch.inference_mode(), mixed_precision(device):
+            return net(x[:1])
+
+    return predict
+
+
+def _measure_network(name: str, dataset, configuration: str, plans: str, device: str, repeats: int) -> dict:
+    dev = torch.device(device)
+    net, x, train_step = network_on_plans(name, dataset, configuration, plans, dev)
+    train_seconds, peak = timed_with_peak(train_step, repeats, dev)
+    flops = forward_flops(net, x[:1])
+    inference_seconds = timed(patch_prediction(net, x, dev), repeats, dev)
     return {"network": name, "parameters": sum(p.numel() for p in net.parameters()), "flops": flops,
             "train_seconds": train_seconds, "inference_seconds": inference_seconds, "peak_bytes": peak}
 

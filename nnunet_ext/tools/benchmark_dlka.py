@@ -85,9 +85,10 @@ DLKA_PAPER = {"parameters": 42.35e6, "macs": 66.96e9}
 
 
 def dlka_paper_comparison() -> list[dict]:
-    """D-LKA Net at the paper's Synapse configuration (one 64x128x128 input), as the paper describes
-    it and ours in the official code's layout (not the official network: docs/dlka_net.md), with MACs counted with and without the deformable
-    convolutions' own products (fvcore, which the paper used, cannot see the official CUDA operator)."""
+    """D-LKA Net at the paper's Synapse configuration (one 64x128x128 input), as the paper's text
+    describes it and ours in the official code's layout (not the official network: docs/dlka_net.md),
+    with MACs counted with and without the deformable convolutions' own products (fvcore, which the
+    paper used, cannot see the official CUDA operator)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from nnunet_ext.blocks.deformable_lka import DeformableConv

@@ -28,6 +28,8 @@ COMMANDS = {
     "plan": ("plan", "plan patch and batch size for one architecture within a GPU memory target: nnU-Net's planner "
                      "with the architecture's memory model; writes nnUNetPlans_<Arch>_<GB>G.json next to nnU-Net's "
                      "plans, for nnUNetv2_train -p"),
+    "profile": ("profile_step", "where a training step and a patch prediction spend their time, per operator "
+                                "(torch.profiler), at a dataset's plans: each operator's share of the wall time"),
     "benchmark-memory": ("benchmark_memory", "measured training memory of every architecture and PlainConvUNet at "
                                              "the patches the memory models are fitted on and at others, against "
                                              "the models' estimates; --fit --write makes and stores the models"),
