@@ -13,6 +13,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from nnunet_ext.memory_models import REFERENCE
 from nnunet_ext.registry import ARCHITECTURES
@@ -59,6 +60,21 @@ def test_each_failure_is_named():
     assert len(gpu_check.failures(row, judge_memory=False)) == 3  # the quick run does not judge memory
     within = {**row, "finite": True, "loss_falls": True, "compile": {"status": "off"}, "peak_vs_nnunet": 2.4}
     assert gpu_check.failures(within, judge_memory=True) == []
+
+
+def test_a_compile_failure_is_reported_and_the_run_goes_on(monkeypatch):
+    def broken(self, backend):
+        def model(x):
+            raise RuntimeError("InductorError: cannot determine truth value of Relational")
+        self.model = model
+
+    monkeypatch.setattr(gpu_check.Training, "compile", broken)
+    result = gpu_check._compile_check("vit_hybrid", "2d", torch.device("cpu"), True, 1.0, "inductor")
+    assert result == {"status": "failed", "backend": "inductor",
+                      "error": "RuntimeError: InductorError: cannot determine truth value of Relational"}
+    row = {"finite": True, "loss_falls": True, "compile": result, "peak_vs_nnunet": 1.0}
+    assert gpu_check.failures(row, judge_memory=False) == [
+        "torch.compile failed (RuntimeError: InductorError: cannot determine truth value of Relational)"]
 
 
 def test_too_few_steps_is_a_clear_error(capsys):

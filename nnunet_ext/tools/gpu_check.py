@@ -34,27 +34,10 @@ import torch
 
 from nnunet_ext.memory_models import REFERENCE, relative_memory
 from nnunet_ext.registry import ARCHITECTURES, get_architecture
-from nnunet_ext.tools.memory import (
-    LiveTensorBytes,
-    build,
-    default_plans_architecture,
-    footprint,
-)
-from nnunet_ext.tools.options import (
-    add_architectures_option,
-    add_output_option,
-    architectures,
-    available_device,
-)
-from nnunet_ext.tools.report import (
-    markdown_table,
-    megabytes,
-    output_paths,
-    progress,
-    seconds,
-    write_json,
-    written,
-)
+from nnunet_ext.tools.memory import LiveTensorBytes, build, default_plans_architecture, footprint
+from nnunet_ext.tools.options import add_architectures_option, add_output_option, architectures, available_device
+from nnunet_ext.tools.report import (error_text, markdown_table, megabytes, output_paths, progress, seconds,
+                                     write_json, written)
 
 # configuration -> (patch, batch): nnU-Net's plans for a 128^3 and a 512^2 image, and the quick run's
 # (its plans' networks are 4 and 5 stages deep; at nnU-Net's, one step of PlainConvUNet alone takes a
@@ -169,7 +152,10 @@ def _compile_check(name, configuration, device, quick, eager_first_loss, backend
     run = Training(name, configuration, device, quick)  # the same initial weights and batch as eager's
     run.compile(backend)
     start = time.perf_counter()
-    first = run.step()
+    try:
+        first = run.step()
+    except Exception as e:  # dynamo and inductor fail with many exception types; the report goes on
+        return {"status": "failed", "backend": backend, "error": f"{type(e).__name__}: {error_text(e)}"[:400]}
     first_seconds = time.perf_counter() - start
     _, times, _ = run.timed_steps(3, peak=False)
     step_seconds = statistics.median(times)
@@ -255,6 +241,8 @@ def failures(row: dict, judge_memory: bool) -> list[str]:
         found.append(f"the loss did not fall ({row['first_loss']:.4f} -> {row['last_loss']:.4f})")
     if row["compile"]["status"] == "differs":
         found.append(f"compiled loss {row['compile']['first_loss_difference']:.1e} off eager's")
+    if row["compile"]["status"] == "failed":
+        found.append(f"torch.compile failed ({row['compile']['error']})")
     promised = row.get("estimated_peak_vs_nnunet")
     if judge_memory and promised is not None and row["peak_vs_nnunet"] > promised * (1 + MEMORY_TOLERANCE):
         found.append(f"peak {row['peak_vs_nnunet']:.2f}x nnU-Net's, the memory model promises {promised:.2f}x")
@@ -270,6 +258,8 @@ def _device_name(device: torch.device) -> str:
 def _compile_cell(c: dict) -> str:
     if c["status"] == "off":
         return "off (the entry's reason, below)"
+    if c["status"] == "failed":
+        return "failed (result)"
     return (f"{c['compile_seconds']:.0f} s to compile, step {seconds(c['step_seconds'])}, first loss "
             f"{c['first_loss_difference']:.0e} off eager's")
 
