@@ -111,9 +111,10 @@ class Training:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(self.device)
             before = torch.cuda.memory_allocated(self.device)
-        counter = LiveTensorBytes(existing=[*self.network.parameters(), *self.network.buffers(), self.data,
-                                            *self.target])
-        with counter if peak and self.device.type == "cpu" else contextlib.nullcontext():
+        counter = (LiveTensorBytes(existing=[*self.network.parameters(), *self.network.buffers(), self.data,
+                                             *self.target])
+                   if peak and self.device.type == "cpu" else contextlib.nullcontext())
+        with counter:
             for _ in range(steps):
                 start = time.perf_counter()
                 losses.append(self.step())
@@ -171,12 +172,7 @@ def check_scan(device: torch.device, quick: bool) -> list[dict]:
     from nnunet_ext.ops import selective_scan_fn
     from nnunet_ext.ops.reference import selective_scan_loop
     from nnunet_ext.ops.selective_scan import pytorch_paths_only
-    from nnunet_ext.tools.benchmark_scan import (
-        SCAN_SHAPES,
-        ScanShape,
-        scan_inputs,
-        scan_path,
-    )
+    from nnunet_ext.tools.benchmark_scan import SCAN_SHAPES, ScanShape, scan_inputs, scan_path
 
     shapes = (ScanShape("window 16x16", rows=2, d_inner=16, length=256),) if quick else SCAN_SHAPES
 
@@ -188,6 +184,7 @@ def check_scan(device: torch.device, quick: bool) -> list[dict]:
     def error(result, reference):
         return max(((r - e).abs().max() / e.abs().max()).item() for r, e in zip(result, reference))
 
+    path = scan_path(device.type)
     rows = []
     for shape in shapes:
         progress(f"  scan {shape.name} ...")
@@ -196,10 +193,9 @@ def check_scan(device: torch.device, quick: bool) -> list[dict]:
         ours = run(selective_scan_fn, scan_inputs(shape, device))
         with pytorch_paths_only():
             pytorch = run(selective_scan_fn, scan_inputs(shape, device))
-        kernels = scan_path(device.type) == "mamba_ssm CUDA kernels"
-        rows.append({"shape": shape.name, "path": scan_path(device.type), "error_vs_float64": error(ours, reference),
+        rows.append({"shape": shape.name, "path": path, "error_vs_float64": error(ours, reference),
                      "pytorch_error_vs_float64": error(pytorch, reference),
-                     "kernels_vs_pytorch": error(ours, pytorch) if kernels else None})
+                     "kernels_vs_pytorch": error(ours, pytorch) if path == "mamba_ssm CUDA kernels" else None})
     return rows
 
 
