@@ -84,6 +84,8 @@ class Architecture:
     fast_paths: optional accelerated code paths, reported by `list`, `doctor` and the training log.
     compile_off: why nnU-Net's torch.compile (on by default on CUDA) is turned off for it, which the
         training log says; empty where it compiles.
+    official_weights: "module:function" that renames a state dict written by the official code to the
+        `official` preset's (`nnunet-ext import-official`); empty where there is none.
     """
 
     name: str
@@ -96,6 +98,7 @@ class Architecture:
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     fast_paths: tuple[FastPath, ...] = ()
     compile_off: str = ""
+    official_weights: str = ""
 
     def __post_init__(self):
         problems = []
@@ -105,7 +108,9 @@ class Architecture:
             problems.append(f"trainer '{self.trainer}' must be an identifier starting with nnUNetTrainer")
         if not self.dims or not set(self.dims) <= {2, 3}:
             problems.append(f"dims {self.dims} must name 2, 3 or both")
-        for what in ("network", "recipe"):
+        if self.official_weights and "official" not in self.presets:
+            problems.append("official_weights needs an 'official' preset to load into")
+        for what in ("network", "recipe", *(("official_weights",) if self.official_weights else ())):
             if ":" not in getattr(self, what):
                 problems.append(f"{what} '{getattr(self, what)}' must read 'module:Class'")
         problems += [f"preset name '{p}' must be a lower-case identifier" for p in self.presets
@@ -118,6 +123,13 @@ class Architecture:
 
     def recipe_class(self) -> type:
         return import_object(self.recipe, f"Architecture '{self.name}'")
+
+    def official_state_dict(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """A state dict written by the official code, renamed to the `official` preset's network."""
+        if not self.official_weights:
+            raise ConfigurationError(f"Architecture '{self.name}' has no converter for the official code's "
+                                     "checkpoints.")
+        return import_object(self.official_weights, f"Architecture '{self.name}'")(state)
 
     def options(self) -> dict[str, Any]:
         """Every option and its default, read from the network constructor's signature."""
@@ -224,6 +236,9 @@ register(Architecture(
     summary="residual U-Net whose encoder stages end in large-kernel bidirectional Mamba: over the "
             "pixels of large windows (PiM), then over one token per window (PaM)",
     reference="Wang et al., LKM-UNet, MICCAI 2024; seed 004",
+    presets={"official": {"window_layout": "official", "shared_out_proj": True, "single_token_layers": True,
+                          "zero_init_decoder": True}},
+    official_weights="nnunet_ext.networks.lkm_unet:from_official",
     fast_paths=(FastPath("mamba-ssm CUDA selective scan", "nnunet_ext.ops.selective_scan:kernels_off_reason"),
                 FastPath("compiled CPU Mamba loops", "nnunet_ext.ops.cpu_kernel:cpu_kernel_off_reason", "cpu")),
     compile_off="the selective scan and Mamba's convolution are C or CUDA kernels, which tracing stops at; the graph "

@@ -21,6 +21,8 @@ def test_list_names_every_architecture_and_trainer():
     assert out.returncode == 0, out.stderr
     for arch in ARCHITECTURES.values():
         assert arch.name in out.stdout and arch.trainer in out.stdout
+        assert all(f"{p} ({arch.preset_trainer(p)})" in out.stdout for p in arch.presets)
+    assert "official (nnUNetTrainerLKMUNetOfficial)" in out.stdout
 
 
 def test_doctor_reports_unset_variables_with_the_fix():

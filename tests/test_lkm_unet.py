@@ -13,8 +13,9 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from conftest import assert_compiles_like_eager, make_topology
 from nnunet_ext.blocks.large_kernel_mamba import BiMamba, LMBlock, PatchMamba, PixelMamba, merge_axes, split_axes
-from nnunet_ext.networks.lkm_unet import LKMUNet, default_windows
+from nnunet_ext.networks.lkm_unet import LKMUNet, default_windows, official_windows
 from nnunet_ext.errors import ConfigurationError
+from nnunet_ext.registry import get_architecture
 from nnunet_ext.trainers import nnUNetTrainerLKMUNet
 
 MAMBA = dict(d_state=4, d_conv=2, expand=1)
@@ -46,22 +47,28 @@ def test_window_pixels(layout):
         assert torch.equal(pixels, expected)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "strided"])
-def test_pixel_mamba_mixes_only_within_a_window(layout):
+@pytest.mark.parametrize("layout,size", [("contiguous", (10, 7)), ("official", (10, 15)), ("official", (10, 7))])
+def test_pixel_mamba_mixes_only_within_a_window(layout, size):
+    """Contiguous windows of 4 x 3 (padded where they do not divide); the official grid of 5p = 5 pixels:
+    sequences of the pixels 5 apart where 5 divides the map, else the whole map."""
     torch.manual_seed(0)
-    pim = PixelMamba(4, (4, 3), layout, **MAMBA)
-    x = torch.randn(1, 4, 10, 7)  # not divisible: padded to 12 x 9, 3 x 3 windows
+    pim = PixelMamba(4, (4, 3) if layout == "contiguous" else (1, 1), layout, **MAMBA)
+    x = torch.randn(1, 4, *size)
     y = pim(x)
     x2 = x.clone()
     x2[0, :, 5, 4] += torch.randn(4)  # not a constant: LayerNorm would remove that
     changed = (pim(x2) - y).abs().sum(1)[0] > 0
-    rows, cols = torch.meshgrid(torch.arange(10), torch.arange(7), indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(size[0]), torch.arange(size[1]), indexing="ij")
     if layout == "contiguous":
         same_window = (rows // 4 == 5 // 4) & (cols // 3 == 4 // 3)
+    elif size[1] % 5 == 0:
+        same_window = (rows % 5 == 5 % 5) & (cols % 5 == 4 % 5)
     else:
-        same_window = (rows % 3 == 5 % 3) & (cols % 3 == 4 % 3)
+        same_window = torch.ones(size, dtype=torch.bool)  # the official code's global scan
     assert changed[5, 4] and not changed[~same_window].any()
     assert changed[same_window].sum() > 1  # and it does mix inside the window
+    if layout == "official":
+        assert pim.tokens(size) == (2 * 3 if size[1] % 5 == 0 else 70)
 
 
 class Recorder(nn.Module):
@@ -83,13 +90,26 @@ def test_patch_mamba_pools_valid_pixels_of_each_window():
         torch.testing.assert_close(tokens[:, i], expected)
 
 
-def test_patch_mamba_strided_layout_pools_cells_of_window_count():
-    pam = PatchMamba(2, (3, 2), "strided", **MAMBA)  # 6 x 4 map: 2 x 2 strided windows, cells of 2 x 2
+@pytest.mark.parametrize("size", [(6, 4), (5, 4)])
+def test_official_patch_mamba_pools_cells_of_p_or_takes_every_pixel(size):
+    pam = PatchMamba(2, (2, 2), "official", **MAMBA)
     pam.mamba = Recorder()
-    x = torch.randn(1, 2, 6, 4)
+    x = torch.randn(1, 2, *size)
     pam(x)
-    expected = nn.functional.avg_pool2d(x, 2).flatten(2).transpose(1, 2)
-    torch.testing.assert_close(pam.mamba.tokens, expected)
+    expected = nn.functional.avg_pool2d(x, 2) if size[0] % 2 == 0 else x  # else: the official global scan
+    torch.testing.assert_close(pam.mamba.tokens, expected.flatten(2).transpose(1, 2))
+
+
+def test_shared_out_proj_projects_the_sum_of_both_directions_once():
+    """The official BiM: the Mamba layers without out_proj, one bias-free Linear(d_inner, C) after the sum."""
+    torch.manual_seed(0)
+    bim = BiMamba(4, **MAMBA, shared_out_proj=True)
+    assert isinstance(bim.forward_mamba.out_proj, nn.Identity) and isinstance(bim.backward_mamba.out_proj, nn.Identity)
+    assert bim.out_proj.weight.shape == (4, bim.forward_mamba.d_inner) and bim.out_proj.bias is None
+    x = torch.randn(2, 9, 4)
+    norm = bim.norm(x)
+    inner = bim.forward_mamba(norm) + bim.backward_mamba(norm.flip(1)).flip(1)
+    torch.testing.assert_close(bim(x), inner @ bim.out_proj.weight.T)
 
 
 def test_backward_direction_sees_the_reversed_sequence():
@@ -134,13 +154,29 @@ def test_options_switch_blocks_and_validate():
     net = LKMUNet(topo, 1, 2, pixel_mamba=False, **MAMBA)
     assert [(b.pim, b.pam is not None) for b in net.modules() if isinstance(b, LMBlock)] == \
         [(None, True), (None, False), (None, False)]
-    net = LKMUNet(topo, 1, 2, window_sizes=[8, (4, 6), 2], window_layout="strided", **MAMBA)
+    net = LKMUNet(topo, 1, 2, window_sizes=[8, (4, 6), 2], **MAMBA)
     assert net.window_sizes == [(8, 8), (4, 6), (2, 2)]
-    assert all(b.pim.layout == "strided" for b in net.modules() if isinstance(b, LMBlock))
+    # the official code's base sizes p (LKMUNet.py lines 363-364); at 16 x 24 its PiM grids 10 x 10, 5 x 5 and
+    # 5 x 5 divide no map, so it scans every map whole, which the training log reads in `notes`
+    net = LKMUNet(topo, 1, 2, window_layout="official", **MAMBA)
+    assert net.window_sizes == official_windows(topo) == [(2, 2), (1, 1), (1, 1)]
+    assert all(b.pim.layout == b.pam.layout == "official" for b in net.modules() if isinstance(b, LMBlock))
+    assert net.notes[0] == ("stage 0 (16x24 at the patch size): PiM's grid 10x10 does not divide the map, so it scans "
+                            "all 384 pixels as one sequence (the official code's global scan)")
+    assert len(net.notes) == 3 and not LKMUNet(topo, 1, 2, **MAMBA).notes
+    assert [w[0] for w in official_windows(make_topology(2, [(1, 1)] + [(2, 2)] * 6, [4] * 7, (320, 320)))] == \
+        [8, 4, 4, 2, 2, 1, 1]
+    # layers over one token: left out by default, kept as the official code keeps them
+    three_d = make_topology(3, [(1, 1, 1), (2, 2, 2)], [4, 8], (20, 28, 24))
+    assert LKMUNet(three_d, 1, 2, window_layout="official", **MAMBA).notes == [
+        "PiM's grids are the official code's 5p x 7p x 6p per axis, factors fixed for the paper's 3D patch, whatever "
+        "the plans' patch"]  # and at 20 x 28 x 24 they divide: no global scan
+    kept = LKMUNet(topo, 1, 2, single_token_layers=True, **MAMBA)
+    assert all(b.pim is not None and b.pam is not None for b in kept.modules() if isinstance(b, LMBlock))
     with pytest.raises(ConfigurationError, match="one entry per stage"):
         LKMUNet(topo, 1, 2, window_sizes=[8, 8])
     with pytest.raises(ConfigurationError, match="window_layout"):
-        LKMUNet(topo, 1, 2, window_layout="shifted")
+        LKMUNet(topo, 1, 2, window_layout="strided")
     with pytest.raises(ConfigurationError, match="positive"):
         LKMUNet(topo, 1, 2, window_sizes=[8, (4, 0), 2])
 
@@ -210,3 +246,26 @@ def test_torch_compile_runs_around_the_scan():
     topo = make_topology(2, [(1, 1), (2, 2), (2, 2)], [4, 8, 8], (16, 24))
     net = LKMUNet(topo, 1, 2, **MAMBA)
     assert_compiles_like_eager(net, torch.randn(2, 1, 16, 24))
+
+
+def test_official_layers_over_one_token_are_in_the_graph_with_a_zero_a_log_gradient():
+    """At 40 x 40 the official grid 5 x 5 leaves the last stage's PiM one-token sequences. Such a layer
+    scans from a zero state, so its A_log's gradient is zero by construction; it is still part of the
+    graph (DDP needs that), and every other parameter learns."""
+    torch.manual_seed(0)
+    topo = make_topology(2, [(1, 1), (2, 2), (2, 2), (2, 2)], [4, 8, 8, 8], (40, 40))
+    arch = get_architecture("lkm_unet")
+    net = arch.build(topo, 1, 2, **arch.presets["official"])
+    last = [b for b in net.modules() if isinstance(b, LMBlock)][-1]
+    assert last.pim.tokens((5, 5)) == 1
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    reached = {name: False for name, _ in net.named_parameters()}
+    for _ in range(2):  # the first step switches on the branches that start at zero
+        optimizer.zero_grad()
+        sum(o.square().mean() for o in net(torch.randn(2, 1, 40, 40))).backward()
+        for name, p in net.named_parameters():
+            assert p.grad is not None, name
+            reached[name] |= bool(p.grad.abs().sum() > 0)
+        optimizer.step()
+    assert sorted(n for n, ok in reached.items() if not ok) == \
+        [f"encoder.stages.3.1.pim.mamba.{d}_mamba.A_log" for d in ("backward", "forward")]

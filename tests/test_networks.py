@@ -1,7 +1,7 @@
 """The network contract (../shared/ARCHITECTURES.md), checked for every registered architecture.
 
 Every test here is parametrised over the registry and over plans topologies, so an architecture
-gets all of them by registering.
+gets all of them by registering, and so does each of its presets.
 """
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ NUM_CLASSES = 3
 
 
 def build(arch_name, topology, in_ch, deep_supervision=True):
-    arch = ARCHITECTURES[arch_name]
+    """`arch_name` is a registered name, or "name:preset" for one of its presets."""
+    name, _, preset = arch_name.partition(":")
+    arch = ARCHITECTURES[name]
     if topology.dim not in arch.dims:
         pytest.fail(f"{arch_name} is registered without {topology.dim}D; test it with a supported topology")
     torch.manual_seed(0)
-    return arch.build(topology, in_ch, NUM_CLASSES, deep_supervision=deep_supervision)
+    return arch.build(topology, in_ch, NUM_CLASSES, deep_supervision=deep_supervision,
+                      **(arch.presets[preset] if preset else {}))
 
 
 def expected_shapes(topology, batch, size):
@@ -34,7 +37,9 @@ def expected_shapes(topology, batch, size):
     return shapes
 
 
-arch_names = pytest.mark.parametrize("arch_name", list(ARCHITECTURES))
+# every architecture, and each of its presets as "name:preset"
+arch_names = pytest.mark.parametrize("arch_name", [*ARCHITECTURES, *(f"{name}:{preset}" for name, arch in
+                                                                     ARCHITECTURES.items() for preset in arch.presets)])
 
 
 @arch_names
@@ -82,7 +87,8 @@ def test_every_parameter_gets_a_gradient(arch_name, topology_case):
 
 @arch_names
 def test_state_dict_independent_of_deep_supervision(arch_name):
-    topology, in_ch = next(t for t in TOPOLOGIES.values() if t[0].dim in ARCHITECTURES[arch_name].dims)
+    dims = ARCHITECTURES[arch_name.partition(":")[0]].dims
+    topology, in_ch = next(t for t in TOPOLOGIES.values() if t[0].dim in dims)
     with_ds = build(arch_name, topology, in_ch, deep_supervision=True)
     without = build(arch_name, topology, in_ch, deep_supervision=False)
     a, b = with_ds.state_dict(), without.state_dict()

@@ -63,7 +63,9 @@ def test_entries_that_cannot_work_are_refused_when_registered():
                             ({"trainer": "ProbeTrainer"}, "must be an identifier starting with nnUNetTrainer"),
                             ({"dims": (1,)}, "dims (1,) must name 2, 3 or both"),
                             ({"network": "nnunet_ext.networks.attention_unet.Net"}, "must read 'module:Class'"),
-                            ({"presets": {"Official": {}}}, "preset name 'Official'")):
+                            ({"presets": {"Official": {}}}, "preset name 'Official'"),
+                            ({"official_weights": "nnunet_ext.networks.lkm_unet:from_official"},
+                             "official_weights needs an 'official' preset to load into")):
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             entry(**fields)
     with pytest.raises(ValueError, match="'attention_unet' is registered twice"):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nnunet_ext.ops.causal_conv import causal_conv1d_silu
@@ -93,7 +92,7 @@ class Mamba(nn.Module):
         y = selective_scan_fn(x, self._sequences(delta, batch), -torch.exp(self.A_log.float()),
                               self._sequences(B, batch), self._sequences(C, batch), self.D.float(), z=z,
                               delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
-        return F.linear(self._tokens(y).t(), self.out_proj.weight, self.out_proj.bias).view(batch, length, -1)
+        return self.out_proj(self._tokens(y).t()).view(batch, length, -1)  # an identity in LKM-UNet's official BiM
 
     @staticmethod
     def _sequences(t: torch.Tensor, batch: int) -> torch.Tensor:

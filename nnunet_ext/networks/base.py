@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+import re
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,17 @@ from dynamic_network_architectures.building_blocks.helper import get_matching_co
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
 
 from nnunet_ext.topology import StageHook, Topology, keep_stage
+
+
+def rename_state_dict(state: Mapping[str, torch.Tensor], rules: Sequence[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """`state` with every key rewritten by the (pattern, replacement) regular expressions in turn: how
+    a checkpoint of an official code's network becomes the state dict of our `official` preset."""
+    renamed = {}
+    for key, tensor in state.items():
+        for pattern, replacement in rules:
+            key = re.sub(pattern, replacement, key)
+        renamed[key] = tensor
+    return renamed
 
 
 class UNetDecoder(nn.Module):
@@ -104,6 +116,9 @@ class SegmentationNetwork(nn.Module):
         self.total_stride = topology.total_stride
         # Stride of each deep-supervision output relative to the input, highest resolution first.
         self.output_strides = topology.cumulative_strides()[:-1]
+        # What the training log says about how this network computes on the plans (where a preset
+        # reproduces a questionable choice of the official code), one sentence each.
+        self.notes: list[str] = []
 
     def initialize(self, identity_blocks: nn.Module | None = None, own_initialization: tuple[type, ...] = ()) -> None:
         """nnU-Net's initialisation: He-normal convolutions, residual blocks starting as identities

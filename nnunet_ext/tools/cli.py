@@ -25,6 +25,9 @@ COMMANDS = {
     "compare": ("compare", "validation Dice of trainers per fold and class from nnUNet_results, mean ± std over "
                            "folds, paired Wilcoxon test against a baseline; prints a table, writes markdown, CSV and "
                            "a PNG plot"),
+    "import-official": ("import_official", "a checkpoint of an architecture's official code -> a fold folder of its "
+                                           "official preset's trainer, for nnUNetv2_predict and -pretrained_weights "
+                                           "(read without unpickling code; refused unless every tensor fits)"),
     "plan": ("plan", "plan patch and batch size for one architecture within a GPU memory target: nnU-Net's planner "
                      "with the architecture's memory model; writes nnUNetPlans_<Arch>_<GB>G.json next to nnU-Net's "
                      "plans, for nnUNetv2_train -p"),

@@ -45,6 +45,13 @@ class nnUNetExtTrainer(nnUNetTrainer):
         for path in get_architecture(self.architecture).fast_paths:  # a slow run should say why
             if path.device == self.device.type:
                 self.print_to_log_file(f"{path.name}: {fast_path_state(path.missing())}")
+        for note in self.bare_network().notes:
+            self.print_to_log_file(f"{self.architecture}: {note}.")
+
+    def bare_network(self) -> torch.nn.Module:
+        """The network itself, out of DDP's and torch.compile's wrappers."""
+        network = getattr(self.network, "module", self.network)
+        return getattr(network, "_orig_mod", network)
 
     def train_step(self, batch: dict) -> dict:
         try:
@@ -71,14 +78,23 @@ class nnUNetExtTrainer(nnUNetTrainer):
         if not self.was_initialized:
             self.initialize()
         if isinstance(filename_or_checkpoint, str):  # nnU-Net's own method takes nothing else
-            self._check_checkpoint(filename_or_checkpoint)
+            checkpoint = self._check_checkpoint(filename_or_checkpoint)
+            if "imported_from" in checkpoint:
+                return self._load_imported(checkpoint)
         super().load_checkpoint(filename_or_checkpoint)
 
-    def _check_checkpoint(self, filename: str) -> None:
+    def _load_imported(self, checkpoint: dict) -> None:
+        """A checkpoint `nnunet-ext import-official` wrote holds the official weights and no training state:
+        `--val` validates them, `--c` trains on from them with a fresh optimiser and schedule."""
+        self.bare_network().load_state_dict(checkpoint["network_weights"])
+        self.inference_allowed_mirroring_axes = checkpoint["inference_allowed_mirroring_axes"]
+        self.print_to_log_file(f"Weights imported by nnunet-ext import-official from "
+                               f"{checkpoint['imported_from']['file']}; no optimiser state or epoch came with them.")
+
+    def _check_checkpoint(self, filename: str) -> dict:
         # Memory-mapped: only the tensors' shapes are read here, nnU-Net reads the data afterwards.
         checkpoint = torch.load(filename, map_location="cpu", weights_only=False, mmap=True)
-        network = getattr(self.network, "module", self.network)  # DDP
-        ours = getattr(network, "_orig_mod", network).state_dict()  # torch.compile
+        ours = self.bare_network().state_dict()
         theirs = {k.removeprefix("module."): v for k, v in checkpoint["network_weights"].items()}
         wrong = [k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape]
         extra = set(theirs) - set(ours)
@@ -90,3 +106,4 @@ class nnUNetExtTrainer(nnUNetTrainer):
                 f"shaped differently (first: {wrong[0] if wrong else '-'}), and {len(extra)} are not part of it. "
                 f"The file is unchanged. Continue or validate it with -tr {source} (and its plans), or train "
                 f"{type(self).__name__} from scratch in a fold folder of its own.")
+        return checkpoint

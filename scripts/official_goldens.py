@@ -1,0 +1,215 @@
+"""Golden numbers from the official code, for the `official` presets' tests (tests/test_official.py).
+
+    python scripts/official_goldens.py OFFICIAL_CHECKOUT --arch lkm_unet [--out tests/data/official]
+
+OFFICIAL_CHECKOUT is a git checkout of the architecture's official repository at the commit pinned
+below (the script refuses another). It runs the official network on CPU, its Mamba the real
+mamba_ssm Python source (tests/mamba_ssm_reference.py: the sdist from the package index, no compiled
+kernels), on small nnU-Net 2.8 configurations with every parameter randomised, in eval mode and
+float32, and writes
+- `<arch>.npz`, per configuration: "<case>/state/<name>" the official state dict (float16, whose
+  values the network ran with; each tensor once, see `state_arrays`), "<case>/input/<i>" and
+  "<case>/output/<i>/<j>" (every deep-supervision output, highest resolution first), numbers only;
+- `<arch>.json`: the commit, the versions used, each configuration (its plans `architecture` entry and
+  patch size, input channels, classes) and the official parameter counts at the paper's
+  configurations, counted on the meta device.
+The tests need neither the official code nor mamba_ssm; this script needs both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def plans_configuration(dim: int, n_stages: int, max_features: int, patch: list[int]) -> dict:
+    """An nnU-Net 2.8 default-plans configuration's `architecture` entry and patch size: features 32
+    doubling up to `max_features`, 3-wide kernels, stride 2 from the second stage, two convolutions
+    (blocks) per stage."""
+    conv = f"torch.nn.modules.conv.Conv{dim}d"
+    return {"patch_size": patch, "architecture": {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        "arch_kwargs": {
+            "n_stages": n_stages, "features_per_stage": [min(32 * 2 ** s, max_features) for s in range(n_stages)],
+            "conv_op": conv, "kernel_sizes": [[3] * dim] * n_stages,
+            "strides": [[1] * dim] + [[2] * dim] * (n_stages - 1),
+            "n_conv_per_stage": [2] * n_stages, "n_conv_per_stage_decoder": [2] * (n_stages - 1), "conv_bias": True,
+            "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d",
+            "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}}
+
+
+def small(configuration: dict, features: list[int]) -> dict:
+    configuration["architecture"]["arch_kwargs"]["features_per_stage"] = features
+    return configuration
+
+
+@dataclass
+class Case:
+    """One small configuration: inputs of these sizes (batch, channels, *spatial) go through the network."""
+
+    name: str
+    configuration: dict
+    input_channels: int
+    num_classes: int
+    inputs: list[list[int]]
+
+
+@dataclass
+class Official:
+    repository: str
+    commit: str
+    # checkout -> (build(configuration, input channels, classes), versions of what it runs on)
+    load: Callable[[Path], tuple[Callable[[dict, int, int], nn.Module], dict]]
+    cases: list[Case]
+    paper: dict[str, tuple[dict, int, int]]  # the paper's configurations, for the parameter counts
+
+
+def import_file(path: Path, name: str) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_lkm_unet(checkout: Path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    import mamba_ssm_reference
+
+    sys.modules["mamba_ssm"] = types.SimpleNamespace(Mamba=mamba_ssm_reference.load().Mamba)
+    official = import_file(checkout / "lkmunet/nnunetv2/nets/LKMUNet.py", "official_lkmunet")
+
+    def build(configuration: dict, input_channels: int, num_classes: int) -> nn.Module:
+        # get_lkmunet_from_plans reads nnU-Net 2.1.1's plans fields: give it those of this configuration.
+        kw = configuration["architecture"]["arch_kwargs"]
+        manager = types.SimpleNamespace(
+            conv_kernel_sizes=kw["kernel_sizes"], pool_op_kernel_sizes=kw["strides"],
+            UNet_base_num_features=kw["features_per_stage"][0], unet_max_num_features=max(kw["features_per_stage"]),
+            n_conv_per_stage_encoder=kw["n_conv_per_stage"], n_conv_per_stage_decoder=kw["n_conv_per_stage_decoder"])
+        features = [min(manager.UNet_base_num_features * 2 ** i, manager.unet_max_num_features)
+                    for i in range(kw["n_stages"])]
+        if features != kw["features_per_stage"]:
+            raise ValueError(f"the official code derives features {features}, not {kw['features_per_stage']}")
+        labels = types.SimpleNamespace(num_segmentation_heads=num_classes)
+        plans = types.SimpleNamespace(get_label_manager=lambda _: labels)
+        return official.get_lkmunet_from_plans(plans, {}, manager, input_channels, deep_supervision=True)
+
+    return build, {"mamba_ssm": f"{mamba_ssm_reference.VERSION} (Python source, selective_scan_ref)"}
+
+
+OFFICIAL = {
+    "lkm_unet": Official(
+        repository="wjh892521292/LKM-UNet", commit="66157750a2ad9e1cd7de5b48d8f69bb0262244ce", load=load_lkm_unet,
+        cases=[
+            # PiM's grids (10, 10, 5, 5) divide the 40 x 40 maps (the last stage's sequences are one token
+            # long); at 40 x 48, the patch, every stage falls back to the global scan.
+            Case("2d", small(plans_configuration(2, 4, 32, [40, 48]), [4, 8, 8, 8]), 1, 3,
+                 [[2, 1, 40, 40], [1, 1, 40, 48]]),
+            # PiM's grids (10, 14, 12), (5, 7, 6), (5, 7, 6) divide 20 x 28 x 24; 20 x 28 x 20 does not.
+            Case("3d", small(plans_configuration(3, 3, 32, [20, 28, 24]), [4, 8, 8]), 2, 2,
+                 [[1, 2, 20, 28, 24], [1, 2, 20, 28, 20]]),
+        ],
+        paper={"2d": (plans_configuration(2, 7, 512, [320, 320]), 1, 14),
+               "3d": (plans_configuration(3, 6, 320, [80, 112, 96]), 1, 14)}),
+}
+
+
+def randomise(network: nn.Module, seed: int = 1) -> None:
+    """Move every parameter and buffer off its initial value (zero-initialised norms included), so that
+    each one changes the outputs, to values float16 holds exactly: the goldens store them at half the
+    size, and the tests read back the very numbers the official code ran with."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in [*network.parameters(), *network.buffers()]:
+            if tensor.is_floating_point():
+                tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator)).copy_(tensor.half())
+
+
+def state_arrays(network: nn.Module) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The state dict as float16 arrays, each tensor once, and the names that share a tensor
+    (dynamic_network_architectures keeps the encoder in the decoder and each convolution twice)
+    mapped to the name stored."""
+    arrays, first, aliases = {}, {}, {}
+    for name, tensor in network.state_dict().items():
+        identity = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+        if identity in first:
+            aliases[name] = first[identity]
+            continue
+        first[identity] = name
+        arrays[name] = tensor.numpy().astype(np.float16) if tensor.is_floating_point() else tensor.numpy()
+    return arrays, aliases
+
+
+def parameter_count(build, configuration: dict, input_channels: int, num_classes: int) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in build(configuration, input_channels, num_classes).parameters())
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkout", type=Path, help="git checkout of the official repository")
+    parser.add_argument("--arch", required=True, choices=sorted(OFFICIAL))
+    parser.add_argument("--out", type=Path, default=ROOT / "tests" / "data" / "official")
+    args = parser.parse_args(argv)
+    spec = OFFICIAL[args.arch]
+    commit = subprocess.run(["git", "-C", str(args.checkout), "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    if commit != spec.commit:
+        sys.exit(f"{args.checkout} is at commit '{commit or 'none (not a git checkout)'}'; the goldens are made at "
+                 f"{spec.repository}@{spec.commit}: git -C {args.checkout} checkout {spec.commit}")
+    build, versions = spec.load(args.checkout)
+
+    arrays, cases = {}, []
+    for case in spec.cases:
+        torch.manual_seed(0)
+        network = build(case.configuration, case.input_channels, case.num_classes).eval()
+        randomise(network)
+        state, aliases = state_arrays(network)
+        arrays |= {f"{case.name}/state/{k}": v for k, v in state.items()}
+        for i, shape in enumerate(case.inputs):
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(2 + i))
+            with torch.no_grad():
+                outputs = network(x)
+            arrays[f"{case.name}/input/{i}"] = x.numpy()
+            arrays |= {f"{case.name}/output/{i}/{j}": y.numpy() for j, y in enumerate(outputs)}
+        cases.append({"name": case.name, **case.configuration, "input_channels": case.input_channels,
+                      "num_classes": case.num_classes, "inputs": len(case.inputs), "aliases": aliases})
+        print(f"{args.arch} {case.name}: {sum(p.numel() for p in network.parameters())} parameters, "
+              f"{len(case.inputs)} inputs")
+
+    counts = {name: parameter_count(build, *paper) for name, paper in spec.paper.items()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(args.out / f"{args.arch}.npz", **arrays)
+    meta = {"repository": spec.repository, "commit": spec.commit, "made_by": "scripts/official_goldens.py",
+            "versions": {"torch": torch.__version__, "numpy": np.__version__,
+                         "dynamic_network_architectures": _version("dynamic_network_architectures"), **versions},
+            "cases": cases,
+            "paper_parameters": {name: {**paper[0], "input_channels": paper[1], "num_classes": paper[2],
+                                        "parameters": counts[name]} for name, paper in spec.paper.items()}}
+    (args.out / f"{args.arch}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(f"parameters at the paper's configurations: {counts}")
+    print(f"wrote {args.out / args.arch}.npz and .json")
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The `official` presets compute what the official code computes.
+
+Golden files (tests/data/official/<arch>.npz and .json) were made by running the official code at its
+pinned commit with scripts/official_goldens.py: its state dict with every parameter randomised, inputs,
+and every deep-supervision output in eval mode, float32. Here the state dict goes through our converter
+(the one `nnunet-ext import-official` uses) into the preset's network, built from the same nnU-Net
+configuration, and the outputs must agree to 1e-5 relative; the parameter counts at the papers'
+configurations must equal the official network's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_ext.registry import ARCHITECTURES
+from nnunet_ext.topology import Topology
+
+GOLDENS = Path(__file__).with_name("data") / "official"
+OFFICIAL = [name for name, arch in ARCHITECTURES.items() if "official" in arch.presets]
+
+
+def goldens(name: str) -> tuple[dict, np.lib.npyio.NpzFile]:
+    meta = GOLDENS / f"{name}.json"
+    assert meta.is_file(), f"{name} has an official preset but no goldens: run scripts/official_goldens.py"
+    return json.loads(meta.read_text()), np.load(GOLDENS / f"{name}.npz")
+
+
+def official_state(arrays, case: dict) -> dict[str, torch.Tensor]:
+    """The official network's whole state dict: the stored tensors (float16 holds their values
+    exactly) and the names that share them."""
+    prefix = f"{case['name']}/state/"
+    state = {k.removeprefix(prefix): torch.from_numpy(arrays[k]) for k in arrays.files if k.startswith(prefix)}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    return state | {alias: state[name] for alias, name in case["aliases"].items()}
+
+
+def preset_network(name: str, configuration: dict, device=None):
+    arch = ARCHITECTURES[name]
+    topology = Topology.from_entry(configuration["architecture"], configuration["patch_size"])
+    with torch.device(device or "cpu"):
+        return arch.build(topology, configuration["input_channels"], configuration["num_classes"],
+                          **arch.presets["official"])
+
+
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return float((ours - theirs).abs().max() / theirs.abs().max())
+
+
+@pytest.mark.parametrize("name", OFFICIAL)
+def test_official_preset_computes_the_official_outputs(name):
+    meta, arrays = goldens(name)
+    assert meta["cases"], "goldens without a configuration prove nothing"
+    for case in meta["cases"]:
+        network = preset_network(name, case).eval()
+        network.load_state_dict(ARCHITECTURES[name].official_state_dict(official_state(arrays, case)), strict=True)
+        for i in range(case["inputs"]):
+            with torch.no_grad():
+                outputs = network(torch.from_numpy(arrays[f"{case['name']}/input/{i}"]))
+            expected = [arrays[f"{case['name']}/output/{i}/{j}"] for j in range(len(outputs))]
+            assert f"{case['name']}/output/{i}/{len(outputs)}" not in arrays.files  # as many outputs as theirs
+            for j, (ours, theirs) in enumerate(zip(outputs, expected)):
+                error = relative_error(ours, torch.from_numpy(theirs))
+                assert error <= 1e-5, f"{name} {case['name']} input {i} output {j}: {error:.2e} relative"
+
+
+@pytest.mark.parametrize("name", OFFICIAL)
+def test_official_preset_has_the_official_parameter_count_at_the_papers_configurations(name):
+    meta, _ = goldens(name)
+    for paper, entry in meta["paper_parameters"].items():
+        network = preset_network(name, entry, device="meta")
+        assert sum(p.numel() for p in network.parameters()) == entry["parameters"], paper
+
+
+def test_goldens_stay_small():
+    """Numbers only, and under 2 MB together: the repository carries them."""
+    files = list(GOLDENS.iterdir())
+    assert {f.suffix for f in files} <= {".npz", ".json"}
+    assert sum(f.stat().st_size for f in files) < 2 * 2 ** 20
