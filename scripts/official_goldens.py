@@ -11,8 +11,9 @@ float32, and writes
   values the network ran with; each tensor once, see `state_arrays`), "<case>/input/<i>" and
   "<case>/output/<i>/<j>" (every deep-supervision output, highest resolution first), numbers only;
 - `<arch>.json`: the commit, the versions used, each configuration (its plans `architecture` entry and
-  patch size, input channels, classes) and the official parameter counts at the paper's
-  configurations, counted on the meta device.
+  patch size, input channels, classes, the mean and standard deviation of every tensor as the
+  official code initialises it) and the official parameter counts at the paper's configurations,
+  counted on the meta device.
 The tests need neither the official code nor mamba_ssm; this script needs both.
 """
 
@@ -139,6 +140,16 @@ def randomise(network: nn.Module, seed: int = 1) -> None:
                 tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator)).copy_(tensor.half())
 
 
+def initialisation(network: nn.Module) -> dict[str, list[float]]:
+    """[mean, standard deviation, size] of every floating-point tensor as the official code initialises
+    it (seed 0): what the preset's initialisation is compared with."""
+    def rounded(value: float) -> float:
+        return float(f"{value:.6g}")
+
+    return {name: [rounded(t.mean().item()), rounded(t.std().item() if t.numel() > 1 else 0.0), t.numel()]
+            for name, t in network.state_dict().items() if t.is_floating_point()}
+
+
 def state_arrays(network: nn.Module) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The state dict as float16 arrays, each tensor once, and the names that share a tensor
     (dynamic_network_architectures keeps the encoder in the decoder and each convolution twice)
@@ -177,6 +188,7 @@ def main(argv=None) -> None:
     for case in spec.cases:
         torch.manual_seed(0)
         network = build(case.configuration, case.input_channels, case.num_classes).eval()
+        initial = initialisation(network)
         randomise(network)
         state, aliases = state_arrays(network)
         arrays |= {f"{case.name}/state/{k}": v for k, v in state.items()}
@@ -187,7 +199,8 @@ def main(argv=None) -> None:
             arrays[f"{case.name}/input/{i}"] = x.numpy()
             arrays |= {f"{case.name}/output/{i}/{j}": y.numpy() for j, y in enumerate(outputs)}
         cases.append({"name": case.name, **case.configuration, "input_channels": case.input_channels,
-                      "num_classes": case.num_classes, "inputs": len(case.inputs), "aliases": aliases})
+                      "num_classes": case.num_classes, "inputs": len(case.inputs), "aliases": aliases,
+                      "initialisation": {k: v for k, v in initial.items() if k not in aliases}})
         print(f"{args.arch} {case.name}: {sum(p.numel() for p in network.parameters())} parameters, "
               f"{len(case.inputs)} inputs")
 

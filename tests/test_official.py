@@ -4,13 +4,15 @@ Golden files (tests/data/official/<arch>.npz and .json) were made by running the
 pinned commit with scripts/official_goldens.py: its state dict with every parameter randomised, inputs,
 and every deep-supervision output in eval mode, float32. Here the state dict goes through our converter
 (the one `nnunet-ext import-official` uses) into the preset's network, built from the same nnU-Net
-configuration, and the outputs must agree to 1e-5 relative; the parameter counts at the papers'
-configurations must equal the official network's.
+configuration, and the outputs must agree to 1e-5 relative; each tensor must be initialised as the official
+code initialises it, and the parameter counts at the papers' configurations must equal the official
+network's.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,31 @@ def test_official_preset_computes_the_official_outputs(name):
             for j, (ours, theirs) in enumerate(zip(outputs, expected)):
                 error = relative_error(ours, torch.from_numpy(theirs))
                 assert error <= 1e-5, f"{name} {case['name']} input {i} output {j}: {error:.2e} relative"
+
+
+@pytest.mark.parametrize("name", OFFICIAL)
+def test_official_preset_initialises_every_tensor_as_the_official_code(name):
+    """Each tensor's mean and spread at initialisation against the official network's (seed 0). Two
+    draws from one distribution: their means differ by less than 5 standard errors, their standard
+    deviations by less than 5 relative standard errors; what the official code sets to a constant
+    (norms, zero-initialised residual branches, Mamba's D) is that constant here."""
+    meta, _ = goldens(name)
+    for case in meta["cases"]:
+        torch.manual_seed(0)
+        ours = preset_network(name, case).state_dict()
+        official = ARCHITECTURES[name].official_state_dict(case["initialisation"])
+        assert set(official) <= set(ours)
+        for tensor_name, (mean, std, size) in official.items():
+            tensor = ours[tensor_name].double()
+            assert tensor.numel() == size, tensor_name
+            if std == 0:
+                assert torch.allclose(tensor, torch.full_like(tensor, mean), atol=1e-6), tensor_name
+                continue
+            error = math.sqrt(2 / size)
+            assert abs(tensor.mean().item() - mean) < 5 * std * error, f"{tensor_name}: mean {tensor.mean():.4g}, " \
+                f"official {mean:.4g}"
+            assert abs(tensor.std().item() / std - 1) < 5 * error, f"{tensor_name}: std {tensor.std():.4g}, " \
+                f"official {std:.4g}"
 
 
 @pytest.mark.parametrize("name", OFFICIAL)
