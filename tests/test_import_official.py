@@ -8,6 +8,7 @@ configuration is the goldens' own.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -36,12 +37,18 @@ def configuration_name(case: dict) -> str:
 
 def official_checkpoint(name: str, path: Path, **extra) -> Path:
     """The goldens' state dict in the layout the official code saves: the LKM-UNet fork's nnU-Net
-    checkpoint (numpy scalars in its log, a torch.device in its init_args)."""
+    checkpoint (numpy scalars in its log, a torch.device in its init_args), as numpy 1 pickles them
+    (numpy.core.multiarray.scalar): the fork's users trained under numpy 1."""
     _, arrays = goldens(name)
     state = official_state(arrays, golden_case(name))
+    buffer = io.BytesIO()  # the legacy format: one pickle stream, whose global names can be rewritten
     torch.save({"network_weights": state, "logging": {"mean_fg_dice": [np.float64(0.5)]}, "_best_ema": np.float64(0.5),
                 "current_epoch": 1000, "init_args": {"configuration": "2d", "fold": 0, "device": torch.device("cuda")},
-                "trainer_name": ARCHITECTURES[name].trainer, "inference_allowed_mirroring_axes": (0, 1), **extra}, path)
+                "trainer_name": ARCHITECTURES[name].trainer, "inference_allowed_mirroring_axes": (0, 1), **extra},
+               buffer, _use_new_zipfile_serialization=False)
+    pickled = buffer.getvalue()
+    assert b"numpy._core.multiarray\nscalar" in pickled or b"numpy.core.multiarray\nscalar" in pickled
+    path.write_bytes(pickled.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar"))
     return path
 
 

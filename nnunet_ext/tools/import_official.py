@@ -23,8 +23,11 @@ from nnunet_ext.registry import ARCHITECTURES, get_architecture
 from nnunet_ext.tools.plans_io import dataset_files, load_configuration
 from nnunet_ext.topology import Topology
 
-# numpy's scalars and dtypes are data, rebuilt from bytes; nnU-Net's checkpoints carry them in 'logging'.
-NUMPY_DATA = [np.dtype, np._core.multiarray.scalar,
+# numpy's scalars and dtypes are data, rebuilt from bytes; nnU-Net's checkpoints carry them in 'logging'. A
+# checkpoint written under numpy 1 names the scalar's constructor numpy.core.multiarray.scalar, under numpy 2
+# numpy._core.multiarray.scalar: both are allowed, whichever numpy reads them.
+_SCALAR = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar
+NUMPY_DATA = [np.dtype, *((_SCALAR, f"numpy.{core}.multiarray.scalar") for core in ("core", "_core")),
               *(getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType"))]
 # Where checkpoints keep the network's tensors: nnU-Net's ('network_weights', the LKM-UNet fork's
 # checkpoint_final.pth) and common training scripts'; else the file is the state dict itself.
