@@ -118,7 +118,8 @@ def test_synapse_configuration_matches_the_papers_counts():
 
 
 def test_torch_compile_traces_the_deformable_convolution():
-    """nnU-Net compiles networks on CUDA: the chunked, checkpointed operator traces."""
+    """nnU-Net compiles networks on CUDA: the chunked, checkpointed operator traces (though D-LKA Net's
+    trainers turn compile off, `compile_off` in the registry)."""
     torch.manual_seed(0)
     net = DLKANet(make_topology(3, [(1, 1, 1), (2, 2, 2), (2, 2, 2)], [4, 8, 8], (8, 16, 16)), 1, 2)
     assert_compiles_like_eager(net, torch.randn(1, 1, 8, 16, 16))
