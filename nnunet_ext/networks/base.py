@@ -29,6 +29,14 @@ def rename_state_dict(state: Mapping[str, torch.Tensor], rules: Sequence[tuple[s
     return renamed
 
 
+def mismatching_tensors(ours: Mapping[str, torch.Tensor], theirs: Mapping[str, torch.Tensor]) -> tuple[list, list]:
+    """The names of `ours` that `theirs` lacks or shapes differently, in order, and the names only `theirs`
+    has: why a state dict does not load into a network (load_state_dict would not say it for keys under
+    a submodule that is None)."""
+    wrong = [k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape]
+    return wrong, [k for k in theirs if k not in ours]
+
+
 class UNetDecoder(nn.Module):
     """nnU-Net's U-Net decoder, built on the plans' topology, with the hooks our networks need.
 

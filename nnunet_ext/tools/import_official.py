@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nnunet_ext.networks.base import mismatching_tensors
 from nnunet_ext.registry import ARCHITECTURES, get_architecture
 from nnunet_ext.tools.plans_io import dataset_files, load_configuration
 from nnunet_ext.topology import Topology
@@ -76,12 +77,12 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def first_mismatch(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> str | None:
     """The first tensor in which the converted checkpoint and our network disagree, in words."""
-    for name, tensor in ours.items():
+    wrong, extra = mismatching_tensors(ours, theirs)
+    if wrong:
+        name, shape = wrong[0], tuple(ours[wrong[0]].shape)
         if name not in theirs:
-            return f"'{name}' {tuple(tensor.shape)} is missing from the checkpoint"
-        if theirs[name].shape != tensor.shape:
-            return f"'{name}' is {tuple(theirs[name].shape)} in the checkpoint, {tuple(tensor.shape)} here"
-    extra = [name for name in theirs if name not in ours]
+            return f"'{name}' {shape} is missing from the checkpoint"
+        return f"'{name}' is {tuple(theirs[name].shape)} in the checkpoint, {shape} here"
     return f"the checkpoint has {len(extra)} tensors this network does not, first '{extra[0]}'" if extra else None
 
 

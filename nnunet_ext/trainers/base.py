@@ -8,6 +8,7 @@ import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_ext.networks.base import mismatching_tensors
 from nnunet_ext.registry import fast_path_state, get_architecture
 from nnunet_ext.topology import Topology
 
@@ -96,8 +97,7 @@ class nnUNetExtTrainer(nnUNetTrainer):
         checkpoint = torch.load(filename, map_location="cpu", weights_only=False, mmap=True)
         ours = self.bare_network().state_dict()
         theirs = {k.removeprefix("module."): v for k, v in checkpoint["network_weights"].items()}
-        wrong = [k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape]
-        extra = set(theirs) - set(ours)
+        wrong, extra = mismatching_tensors(ours, theirs)
         if wrong or extra:
             source = checkpoint.get("trainer_name", "an unknown trainer")
             raise RuntimeError(
