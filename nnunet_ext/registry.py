@@ -269,6 +269,9 @@ register(Architecture(
     reference="Li et al., U-KAN Makes Strong Backbone for Medical Image Segmentation and Generation, "
               "AAAI 2025; seed 000",
     recipe="nnunet_ext.trainers.recipes:UKANRecipe",
+    # The official network's modules on the plans' stages, no token shift (docs/ukan.md).
+    presets={"official": {"layout": "official", "token_shift": False}},
+    official_weights="nnunet_ext.networks.ukan:from_official",
 ))
 
 register(Architecture(

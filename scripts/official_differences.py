@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_official import OFFICIAL, goldens, official_state, relative_error  # noqa: E402
 
+from nnunet_ext.networks.base import with_zero_heads  # noqa: E402
 from nnunet_ext.registry import ARCHITECTURES  # noqa: E402
 from nnunet_ext.topology import Topology  # noqa: E402
 
@@ -47,6 +48,8 @@ DIFFERENCES = {
         ("the default network; official weights mapped",
          {"window_layout": "contiguous", "single_token_layers": False, "shared_out_proj": False}, lkm_projection),
     ],
+    # The default's stages, upsampling and norms have other parameters than the official ones: only the shift maps.
+    "ukan": [("tokens shifted along each axis in turn (default)", {"token_shift": True}, None)],
 }
 
 
@@ -64,7 +67,7 @@ def main(names: list[str]) -> None:
                 network = arch.build(topology, case["input_channels"], case["num_classes"],
                                      **{**arch.presets["official"], **options}).eval()
                 state = arch.official_state_dict(official_state(arrays, case))
-                state = mapping(state) if mapping else state
+                state = with_zero_heads(network.state_dict(), mapping(state) if mapping else state)
                 network.load_state_dict({k: state[k] for k in network.state_dict()}, strict=True)
                 errors = []
                 for i in range(case["inputs"]):

@@ -12,8 +12,8 @@ float32, and writes
   "<case>/output/<i>/<j>" (every deep-supervision output, highest resolution first), numbers only;
 - `<arch>.json`: the commit, the versions used, each configuration (its plans `architecture` entry and
   patch size, input channels, classes, the mean and standard deviation of every tensor as the
-  official code initialises it) and the official parameter counts at the paper's configurations,
-  counted on the meta device.
+  official code initialises it) and the official parameter counts at the paper's configurations
+  (counted on the meta device where the official code can be built there).
 The tests need neither the official code nor mamba_ssm; this script needs both.
 """
 
@@ -78,6 +78,8 @@ class Official:
     load: Callable[[Path], tuple[Callable[[dict, int, int], nn.Module], dict]]
     cases: list[Case]
     paper: dict[str, tuple[dict, int, int]]  # the paper's configurations, for the parameter counts
+    count_on: str = "meta"  # "cpu" where the official code cannot be built on the meta device
+    deep_supervision_heads: bool = True  # whether the official network has nnU-Net's lower-resolution heads
 
 
 def import_file(path: Path, name: str) -> types.ModuleType:
@@ -112,6 +114,45 @@ def load_lkm_unet(checkout: Path):
     return build, {"mamba_ssm": f"{mamba_ssm_reference.VERSION} (Python source, selective_scan_ref)"}
 
 
+def load_ukan(checkout: Path):
+    """Seg_UKAN/archs.py imports timm for three helpers and torchvision and matplotlib for nothing the
+    network uses: stand-ins for those, its own kan.py and utils.py for the rest."""
+    def module(name: str, **attributes) -> types.ModuleType:
+        stub = types.ModuleType(name)
+        stub.__dict__.update(attributes)
+        sys.modules[name] = stub
+        return stub
+
+    def drop_path_unused(rate: float) -> nn.Module:
+        raise NotImplementedError("the goldens run without stochastic depth (drop_path_rate 0, eval mode)")
+
+    layers = module("timm.models.layers", DropPath=drop_path_unused, trunc_normal_=nn.init.trunc_normal_,
+                    to_2tuple=lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v))
+    module("timm", models=module("timm.models", layers=layers))
+    module("torchvision", transforms=module("torchvision.transforms"),
+           utils=module("torchvision.utils", save_image=None))
+    module("matplotlib", pyplot=module("matplotlib.pyplot"))
+    sys.path.insert(0, str(checkout / "Seg_UKAN"))
+    official = import_file(checkout / "Seg_UKAN/archs.py", "official_ukan")
+
+    def build(configuration: dict, input_channels: int, num_classes: int) -> nn.Module:
+        # The official network is fixed: six stages, strides 2, 3x3 kernels, widths e0/8, e0/8, e0/4, e0, e1, e2
+        # from its embed_dims (e0, e1, e2).
+        kw = configuration["architecture"]["arch_kwargs"]
+        features = kw["features_per_stage"]
+        e0, e1, e2 = features[3:]
+        expected = [e0 // 8, e0 // 8, e0 // 4, e0, e1, e2]
+        if kw["n_stages"] != 6 or features != expected:
+            raise ValueError(f"the official U-KAN has 6 stages of widths {expected}, not {features}")
+        network = official.UKAN(num_classes, input_channels, embed_dims=[e0, e1, e2])
+        # Its first convolution takes 3 channels whatever input_channels says (archs.py: ConvLayer(3, ...)), a bug
+        # the preset does not reproduce: here it takes input_channels, as the argument means.
+        network.encoder1.conv[0] = nn.Conv2d(input_channels, e0 // 8, 3, padding=1)
+        return network
+
+    return build, {"timm": "not used (stand-ins for DropPath, to_2tuple, trunc_normal_)"}
+
+
 OFFICIAL = {
     "lkm_unet": Official(
         repository="wjh892521292/LKM-UNet", commit="66157750a2ad9e1cd7de5b48d8f69bb0262244ce", load=load_lkm_unet,
@@ -126,6 +167,16 @@ OFFICIAL = {
         ],
         paper={"2d": (plans_configuration(2, 7, 512, [320, 320]), 1, 14),
                "3d": (plans_configuration(3, 6, 320, [80, 112, 96]), 1, 14)}),
+    "ukan": Official(
+        repository="CUHK-AIM-Group/U-KAN", commit="b20bf63490f01ba45cc2c18834bc0c4975c12715", load=load_ukan,
+        cases=[
+            # embed_dims (16, 24, 32); inputs of two shapes the total stride 32 divides.
+            Case("2d", small(plans_configuration(2, 6, 32, [64, 64]), [2, 2, 4, 16, 24, 32]), 1, 3,
+                 [[1, 1, 64, 64], [1, 1, 32, 96]]),
+        ],
+        # The paper's embed_dims (256, 320, 512), 3 input channels; 2 outputs, as nnU-Net plans a binary task.
+        paper={"2d": (small(plans_configuration(2, 6, 512, [256, 256]), [32, 32, 64, 256, 320, 512]), 3, 2)},
+        count_on="cpu", deep_supervision_heads=False),
 }
 
 
@@ -165,8 +216,8 @@ def state_arrays(network: nn.Module) -> tuple[dict[str, np.ndarray], dict[str, s
     return arrays, aliases
 
 
-def parameter_count(build, configuration: dict, input_channels: int, num_classes: int) -> int:
-    with torch.device("meta"):
+def parameter_count(device: str, build, configuration: dict, input_channels: int, num_classes: int) -> int:
+    with torch.device(device):
         return sum(p.numel() for p in build(configuration, input_channels, num_classes).parameters())
 
 
@@ -196,6 +247,7 @@ def main(argv=None) -> None:
             x = torch.randn(shape, generator=torch.Generator().manual_seed(2 + i))
             with torch.no_grad():
                 outputs = network(x)
+            outputs = [outputs] if isinstance(outputs, torch.Tensor) else outputs  # without deep supervision
             arrays[f"{case.name}/input/{i}"] = x.numpy()
             arrays |= {f"{case.name}/output/{i}/{j}": y.numpy() for j, y in enumerate(outputs)}
         cases.append({"name": case.name, **case.configuration, "input_channels": case.input_channels,
@@ -204,13 +256,13 @@ def main(argv=None) -> None:
         print(f"{args.arch} {case.name}: {sum(p.numel() for p in network.parameters())} parameters, "
               f"{len(case.inputs)} inputs")
 
-    counts = {name: parameter_count(build, *paper) for name, paper in spec.paper.items()}
+    counts = {name: parameter_count(spec.count_on, build, *paper) for name, paper in spec.paper.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out / f"{args.arch}.npz", **arrays)
     meta = {"repository": spec.repository, "commit": spec.commit, "made_by": "scripts/official_goldens.py",
             "versions": {"torch": torch.__version__, "numpy": np.__version__,
                          "dynamic_network_architectures": _version("dynamic_network_architectures"), **versions},
-            "cases": cases,
+            "deep_supervision_heads": spec.deep_supervision_heads, "cases": cases,
             "paper_parameters": {name: {**paper[0], "input_channels": paper[1], "num_classes": paper[2],
                                         "parameters": counts[name]} for name, paper in spec.paper.items()}}
     (args.out / f"{args.arch}.json").write_text(json.dumps(meta, indent=1) + "\n")

@@ -1,6 +1,7 @@
 """Multi-GPU training as nnU-Net does it (`-num_gpus N`: SyncBatchNorm, then DistributedDataParallel with
 default arguments, so a parameter without a gradient is an error), run on CPU: two processes and the
-gloo backend. nnU-Net's -num_gpus itself needs NCCL and GPUs (docs/testing.md).
+gloo backend, SyncBatchNorm's computation in a stand-in (PyTorch runs it on GPUs only). nnU-Net's
+-num_gpus itself needs NCCL and GPUs (docs/testing.md).
 
 For every architecture, with its default options and with every other value of each option whose
 annotation names its values (`Architecture.option_values`: the switches that change the parameter
@@ -16,6 +17,8 @@ import multiprocessing
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.nn as distributed_nn
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -40,6 +43,44 @@ def cases() -> list[tuple[str, str, dict]]:
     return found
 
 
+class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """nn.SyncBatchNorm's computation where PyTorch runs it only on GPUs: in training, the statistics of
+    every rank's batch together (sums all-reduced, through autograd), so that ranks normalise as one
+    process does over the whole batch. Stands in for each SyncBatchNorm that nnU-Net's conversion makes."""
+
+    def _check_input_dim(self, x):
+        pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        axes, channels = [0, *range(2, x.dim())], x.shape[1]
+        count = x.new_tensor([x.numel() / channels])
+        total = distributed_nn.all_reduce(torch.cat([x.sum(axes), x.square().sum(axes), count]))
+        n = total[-1]
+        mean = total[:channels] / n
+        var = total[channels:2 * channels] / n - mean.square()
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+            self.num_batches_tracked += 1
+        shape = (1, channels) + (1,) * (x.dim() - 2)
+        return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps) * self.weight.view(shape) \
+            + self.bias.view(shape)
+
+
+def on_cpu(module: nn.Module) -> nn.Module:
+    """`module` with each SyncBatchNorm replaced by a GlooSyncBatchNorm holding its parameters and buffers."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.SyncBatchNorm):
+            replacement = GlooSyncBatchNorm(child.num_features, child.eps, child.momentum)
+            replacement.load_state_dict(child.state_dict())
+            setattr(module, name, replacement)
+        else:
+            on_cpu(child)
+    return module
+
+
 def train(name: str, topology_name: str, options: dict, rank: int | None = None) -> dict:
     """nnU-Net's optimiser for STEPS steps on a fixed batch of 4 (rank r: samples 2r, 2r + 1, under DDP);
     returns the first step's gradients and the final weights."""
@@ -48,7 +89,7 @@ def train(name: str, topology_name: str, options: dict, rank: int | None = None)
     net = ARCHITECTURES[name].build(topology, channels, NUM_CLASSES, **options)
     x = torch.randn(4, channels, *topology.patch_size, generator=torch.Generator().manual_seed(1))
     if rank is not None:
-        net = DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(net))
+        net = DistributedDataParallel(on_cpu(nn.SyncBatchNorm.convert_sync_batchnorm(net)))
         x = x[2 * rank:2 * rank + 2]
     module = net.module if rank is not None else net
     optimizer = torch.optim.SGD(net.parameters(), 1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)

@@ -21,7 +21,7 @@ from nnunet_ext.registry import ARCHITECTURES
 from nnunet_ext.tools.import_official import ImportRefused, import_official
 from test_official import OFFICIAL, goldens, official_state, preset_network, relative_error
 
-PLANS = "nnUNetPlans_officialGoldens"
+
 CLASSES = 3  # the tiny dataset's labels 0, 1, 2
 
 
@@ -35,12 +35,20 @@ def configuration_name(case: dict) -> str:
     return "2d" if len(case["patch_size"]) == 2 else "3d_fullres"
 
 
+def plans_name(name: str) -> str:
+    """Plans of the tiny dataset whose configuration is that of `name`'s goldens."""
+    return f"nnUNetPlans_officialGoldens_{name}"
+
+
 def official_checkpoint(name: str, path: Path, **extra) -> Path:
-    """The goldens' state dict in the layout the official code saves: the LKM-UNet fork's nnU-Net
-    checkpoint (numpy scalars in its log, a torch.device in its init_args), as numpy 1 pickles them
-    (numpy.core.multiarray.scalar): the fork's users trained under numpy 1."""
+    """The goldens' state dict in the layout the official code saves. U-KAN's train.py saves the state dict
+    alone. The LKM-UNet fork saves an nnU-Net checkpoint (numpy scalars in its log, a torch.device in its
+    init_args), which its users pickled under numpy 1 (numpy.core.multiarray.scalar)."""
     _, arrays = goldens(name)
     state = official_state(arrays, golden_case(name))
+    if name == "ukan":
+        torch.save({**state, **extra}, path)
+        return path
     buffer = io.BytesIO()  # the legacy format: one pickle stream, whose global names can be rewritten
     torch.save({"network_weights": state, "logging": {"mean_fg_dice": [np.float64(0.5)]}, "_best_ema": np.float64(0.5),
                 "current_epoch": 1000, "init_args": {"configuration": "2d", "fold": 0, "device": torch.device("cuda")},
@@ -54,29 +62,29 @@ def official_checkpoint(name: str, path: Path, **extra) -> Path:
 
 @pytest.fixture
 def golden_plans(nnunet_env):
-    """nnUNetPlans with each configuration the goldens use set to the goldens' topology and patch."""
+    """Per architecture with an official preset, nnUNetPlans with the configuration its goldens use set to
+    the goldens' topology and patch (`plans_name`)."""
     folder = nnunet_env.preprocessed / nnunet_env.dataset
-    plans = json.loads((folder / "nnUNetPlans.json").read_text())
     for name in OFFICIAL:
-        case = golden_case(name)
+        plans, case = json.loads((folder / "nnUNetPlans.json").read_text()), golden_case(name)
         configuration = plans["configurations"][configuration_name(case)]
         configuration["architecture"], configuration["patch_size"] = case["architecture"], case["patch_size"]
-    plans["plans_name"] = PLANS
-    (folder / f"{PLANS}.json").write_text(json.dumps(plans, indent=4))
+        plans["plans_name"] = plans_name(name)
+        (folder / f"{plans_name(name)}.json").write_text(json.dumps(plans, indent=4))
     return nnunet_env
 
 
 def fold_folder(ws, name: str, fold: str = "0") -> Path:
     case = golden_case(name)
     return ws.fold_dir(ws.dataset, ARCHITECTURES[name].preset_trainer("official"), configuration_name(case),
-                       plans=PLANS, fold=fold)
+                       plans=plans_name(name), fold=fold)
 
 
 @pytest.mark.parametrize("name", OFFICIAL)
 def test_imported_fold_holds_the_official_network(name, golden_plans, tmp_path):
     case = golden_case(name)
     target = import_official(name, official_checkpoint(name, tmp_path / "official.pth"), "999",
-                             configuration_name(case), PLANS, "3")
+                             configuration_name(case), plans_name(name), "3")
     assert target == fold_folder(golden_plans, name, "3") / "checkpoint_final.pth"
     checkpoint = torch.load(target, map_location="cpu", weights_only=False)
     assert checkpoint["trainer_name"] == ARCHITECTURES[name].preset_trainer("official")
@@ -87,8 +95,9 @@ def test_imported_fold_holds_the_official_network(name, golden_plans, tmp_path):
         out = network(torch.from_numpy(arrays[f"{case['name']}/input/0"]))[0]
     assert relative_error(out, torch.from_numpy(arrays[f"{case['name']}/output/0/0"])) <= 1e-5
     with pytest.raises(ImportRefused, match="exists; it is left as it is"):
-        import_official(name, tmp_path / "official.pth", "999", configuration_name(case), PLANS, "3")
-    import_official(name, tmp_path / "official.pth", "999", configuration_name(case), PLANS, "3", overwrite=True)
+        import_official(name, tmp_path / "official.pth", "999", configuration_name(case), plans_name(name), "3")
+    import_official(name, tmp_path / "official.pth", "999", configuration_name(case), plans_name(name), "3",
+                    overwrite=True)
 
 
 def test_refuses_a_checkpoint_of_another_configuration_and_writes_nothing(golden_plans, tmp_path):
@@ -97,11 +106,21 @@ def test_refuses_a_checkpoint_of_another_configuration_and_writes_nothing(golden
     three_d = next(c for c in meta["cases"] if len(c["patch_size"]) == 3)
     torch.save({"network_weights": official_state(arrays, three_d)}, tmp_path / "3d.pth")
     with pytest.raises(ImportRefused) as refused:
-        import_official("lkm_unet", tmp_path / "3d.pth", "999", "2d", PLANS, "4")
+        import_official("lkm_unet", tmp_path / "3d.pth", "999", "2d", plans_name("lkm_unet"), "4")
     message = str(refused.value)
     assert "'encoder.stem.convs.0.conv.weight' is (4, 2, 3, 3, 3) in the checkpoint, (4, 1, 3, 3) here" in message
     assert "4 stages of [4, 8, 8, 8] features, 1 input channel(s) and 3 output(s)" in message
     assert not fold_folder(golden_plans, "lkm_unet", "4").exists()
+
+
+def test_refuses_an_official_ukan_of_another_configuration(golden_plans, tmp_path):
+    """The official U-KAN always has six stages; on plans of four (LKM-UNet's goldens') it cannot fit."""
+    checkpoint = official_checkpoint("ukan", tmp_path / "ukan.pth")
+    with pytest.raises(ImportRefused) as refused:
+        import_official("ukan", checkpoint, "999", "2d", plans_name("lkm_unet"), "4")
+    assert "4 stages of [4, 8, 8, 8] features, 1 input channel(s) and 3 output(s)" in str(refused.value)
+    assert "'encoder.stages.1.0.0.weight' is (2, 1, 3, 3) in the checkpoint, (8, 1, 3, 3) here" in str(refused.value)
+    assert not fold_folder(golden_plans, "ukan", "4").exists()
 
 
 def test_refuses_a_pickled_callable_without_running_it(golden_plans, tmp_path):
@@ -114,7 +133,7 @@ def test_refuses_a_pickled_callable_without_running_it(golden_plans, tmp_path):
     path = official_checkpoint("lkm_unet", tmp_path / "payload.pth", extra=Payload())
     refusal = r"holds more than tensors and plain data \(it names getattr\), so it was not loaded"
     with pytest.raises(ImportRefused, match=refusal):
-        import_official("lkm_unet", path, "999", "2d", PLANS, "4")
+        import_official("lkm_unet", path, "999", "2d", plans_name("lkm_unet"), "4")
     assert not marker.exists() and not fold_folder(golden_plans, "lkm_unet", "4").exists()
     torch.load(path, weights_only=False)  # what the refusal prevented: unpickling runs the payload
     assert marker.exists()
@@ -129,7 +148,7 @@ def test_refuses_what_is_not_a_checkpoint(golden_plans, tmp_path, content, messa
     elif content is not None:
         torch.save(content, path)
     with pytest.raises(ImportRefused, match=message):
-        import_official("lkm_unet", path, "999", "2d", PLANS, "4")
+        import_official("lkm_unet", path, "999", "2d", plans_name("lkm_unet"), "4")
 
 
 def test_refuses_an_architecture_without_an_official_preset(tmp_path):
@@ -144,9 +163,10 @@ def test_refuses_an_architecture_without_an_official_preset(tmp_path):
 def test_stock_commands_predict_with_and_fine_tune_from_an_imported_checkpoint(name, golden_plans, tmp_path):
     case = golden_case(name)
     configuration, trainer = configuration_name(case), ARCHITECTURES[name].preset_trainer("official")
+    plans = plans_name(name)
     checkpoint = official_checkpoint(name, tmp_path / "official.pth")
     printed = golden_plans.run("nnunet-ext", "import-official", name, checkpoint, "-d", "999", "-c", configuration,
-                               "-p", PLANS, "-f", "0")
+                               "-p", plans, "-f", "0")
     assert f"-tr {trainer}" in printed
 
     images = golden_plans.raw / golden_plans.dataset / "imagesTr"
@@ -155,22 +175,22 @@ def test_stock_commands_predict_with_and_fine_tune_from_an_imported_checkpoint(n
     for image in sorted(images.iterdir())[:2]:
         (inputs / image.name).symlink_to(image)
     golden_plans.run("nnUNetv2_predict", "-i", str(inputs), "-o", str(tmp_path / "out"), "-d", "999", "-c",
-                     configuration, "-p", PLANS, "-tr", trainer, "-f", "0", "-device", "cpu", "--disable_tta")
+                     configuration, "-p", plans, "-tr", trainer, "-f", "0", "-device", "cpu", "--disable_tta")
     for image in sorted(inputs.iterdir()):
         prediction = tmp_path / "out" / image.name.replace("_0000", "")
         assert_prediction_fits_image(prediction, image, range(CLASSES))
 
-    golden_plans.run("nnUNetv2_train", "999", configuration, "0", "-tr", trainer, "-p", PLANS, "--val", "-device",
+    golden_plans.run("nnUNetv2_train", "999", configuration, "0", "-tr", trainer, "-p", plans, "--val", "-device",
                      "cpu")
     validated = fold_folder(golden_plans, name)
     assert (validated / "validation" / "summary.json").is_file()
     assert "Weights imported by nnunet-ext import-official" in next(validated.glob("training_log_*.txt")).read_text()
 
     imported = fold_folder(golden_plans, name) / "checkpoint_final.pth"
-    printed = golden_plans.run("nnUNetv2_train", "999", configuration, "1", "-tr", f"{trainer}_debug", "-p", PLANS,
+    printed = golden_plans.run("nnUNetv2_train", "999", configuration, "1", "-tr", f"{trainer}_debug", "-p", plans,
                                "-pretrained_weights", str(imported), "-device", "cpu")
     assert f"Loading pretrained weights from file  {imported}" in printed
-    tuned = golden_plans.fold_dir(golden_plans.dataset, f"{trainer}_debug", configuration, fold=1, plans=PLANS)
+    tuned = golden_plans.fold_dir(golden_plans.dataset, f"{trainer}_debug", configuration, fold=1, plans=plans)
     assert (tuned / "checkpoint_final.pth").is_file()
     notes = preset_network(name, case).notes  # what the official code does questionably here, the log says
     assert notes or name != "lkm_unet"  # LKM-UNet: the global scans at the goldens' patch

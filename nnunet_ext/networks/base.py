@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +18,11 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from nnunet_ext.topology import StageHook, Topology, keep_stage
 
 
-def rename_state_dict(state: Mapping[str, torch.Tensor], rules: Sequence[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    """`state` with every key rewritten by the (pattern, replacement) regular expressions in turn: how
-    a checkpoint of an official code's network becomes the state dict of our `official` preset."""
+def rename_state_dict(state: Mapping[str, torch.Tensor],
+                      rules: Sequence[tuple[str, str | Callable[[re.Match], str]]]) -> dict[str, torch.Tensor]:
+    """`state` with every key rewritten by the (pattern, replacement) regular expressions in turn (`re.sub`'s
+    replacements: a string or a function of the match): how a checkpoint of an official code's network
+    becomes the state dict of our `official` preset."""
     renamed = {}
     for key, tensor in state.items():
         for pattern, replacement in rules:
@@ -37,17 +39,33 @@ def mismatching_tensors(ours: Mapping[str, torch.Tensor], theirs: Mapping[str, t
     return wrong, [k for k in theirs if k not in ours]
 
 
+def deep_supervision_heads(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the heads at the lower resolutions (UNetDecoder's `seg_layers` but the last): those
+    nnU-Net's deep supervision trains, which some official networks do not have."""
+    heads = [k for k in state if k.startswith("decoder.seg_layers.")]
+    last = max((int(k.split(".")[2]) for k in heads), default=-1)
+    return [k for k in heads if int(k.split(".")[2]) != last]
+
+
+def with_zero_heads(ours: Mapping[str, torch.Tensor], theirs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`theirs` (an official network's converted state dict) with each deep-supervision head of `ours` that it
+    lacks, at zero: the full-resolution output is the official network's, and nnU-Net's -pretrained_weights
+    loads no heads, so fine-tuning trains them from nnU-Net's initialisation."""
+    return {**{k: torch.zeros_like(ours[k]) for k in deep_supervision_heads(ours) if k not in theirs}, **theirs}
+
+
 class UNetDecoder(nn.Module):
     """nnU-Net's U-Net decoder, built on the plans' topology, with the hooks our networks need.
 
     Per decoder stage, deepest first (stage i works at the resolution of encoder stage
-    s = n_stages - 2 - i): a transposed convolution up from the stage below, the skip of encoder
-    stage s merged in (`merge`: "concat" as nnU-Net does, or "add"), then the stage's blocks; a 1x1
-    head per stage. The blocks are the plans' convolutions (`residual`: nnU-Net's residual blocks,
-    as its ResEnc decoder builds them), passed through the `stage` hook (`nnunet_ext.topology.StageHook`,
-    called deepest first). `gates[i]`, where given, turns stage i's skip into `gates[i](skip, x)`, x
-    being the features below it. Returns the logits highest resolution first with deep supervision,
-    else the last head's only.
+    s = n_stages - 2 - i): a transposed convolution up from the stage below (`upsample(s)`, where
+    given, builds another module for it), the skip of encoder stage s merged in (`merge`: "concat" as
+    nnU-Net does, or "add"; none at stage 0 with `full_resolution_skip=False`, for encoders whose first
+    output is already downsampled), then the stage's blocks; a 1x1 head per stage. The blocks are the
+    plans' convolutions (`residual`: nnU-Net's residual blocks, as its ResEnc decoder builds them),
+    passed through the `stage` hook (`nnunet_ext.topology.StageHook`, called deepest first).
+    `gates[i]`, where given, turns stage i's skip into `gates[i](skip, x)`, x being the features below
+    it. Returns the logits highest resolution first with deep supervision, else the last head's only.
 
     `encoder`: nnU-Net's decoders hold the encoder as a submodule, which puts its weights into the
     state dict a second time (`decoder.encoder.*`). Networks that were built on them pass it, so that
@@ -56,7 +74,8 @@ class UNetDecoder(nn.Module):
 
     def __init__(self, topology: Topology, num_classes: int, deep_supervision: bool, stage: StageHook = keep_stage,
                  merge: str = "concat", residual: bool = False, gates: Sequence[nn.Module] | None = None,
-                 encoder: nn.Module | None = None):
+                 encoder: nn.Module | None = None, upsample: Callable[[int], nn.Module] | None = None,
+                 full_resolution_skip: bool = True):
         super().__init__()
         if merge not in ("concat", "add"):
             raise ValueError(f"merge must be 'concat' or 'add', got {merge!r}.")
@@ -70,21 +89,26 @@ class UNetDecoder(nn.Module):
             count = topology.n_conv_per_stage_decoder[topology.n_stages - 2 - s]
             return blocks(count, (2 if merge == "concat" else 1) * features[s], s)
 
-        transposed = get_matching_convtransp(topology.conv_op)
+        def transposed(s: int) -> nn.Module:
+            return get_matching_convtransp(topology.conv_op)(features[s + 1], features[s], strides[s + 1],
+                                                             strides[s + 1], bias=topology.conv_bias)
+
         self.stages = nn.ModuleList(stage(s, functools.partial(plans_stage, s)) for s in resolutions)
-        self.transpconvs = nn.ModuleList(transposed(features[s + 1], features[s], strides[s + 1], strides[s + 1],
-                                                    bias=topology.conv_bias) for s in resolutions)
+        self.transpconvs = nn.ModuleList((upsample or transposed)(s) for s in resolutions)
         self.seg_layers = nn.ModuleList(topology.conv_op(features[s], num_classes, 1, 1, 0, bias=True)
                                         for s in resolutions)
         self.gates = None if gates is None else nn.ModuleList(gates)
-        self.merge, self.deep_supervision = merge, deep_supervision
+        self.merge, self.deep_supervision, self.full_resolution_skip = merge, deep_supervision, full_resolution_skip
 
     def forward(self, skips: list[torch.Tensor]):
-        x, outputs = skips[-1], []
+        x, outputs, last = skips[-1], [], len(self.stages) - 1
         for i, (up, stage, seg) in enumerate(zip(self.transpconvs, self.stages, self.seg_layers)):
-            skip = skips[-(i + 2)] if self.gates is None else self.gates[i](skips[-(i + 2)], x)
-            x = stage(torch.cat((up(x), skip), 1) if self.merge == "concat" else up(x) + skip)
-            if self.deep_supervision or i == len(self.stages) - 1:
+            if i == last and not self.full_resolution_skip:
+                x = stage(up(x))
+            else:
+                skip = skips[-(i + 2)] if self.gates is None else self.gates[i](skips[-(i + 2)], x)
+                x = stage(torch.cat((up(x), skip), 1) if self.merge == "concat" else up(x) + skip)
+            if self.deep_supervision or i == last:
                 outputs.append(seg(x))
         outputs = outputs[::-1]
         return outputs if self.deep_supervision else outputs[0]

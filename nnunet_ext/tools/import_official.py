@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nnunet_ext.networks.base import mismatching_tensors
+from nnunet_ext.networks.base import mismatching_tensors, with_zero_heads
 from nnunet_ext.registry import ARCHITECTURES, get_architecture
 from nnunet_ext.tools.plans_io import dataset_files, load_configuration
 from nnunet_ext.topology import Topology
@@ -102,6 +102,7 @@ def import_official(architecture: str, checkpoint: Path, dataset: str, configura
     manager, channels, heads = load_configuration(dataset, configuration, plans)
     network = arch.build(Topology.from_plans(manager), channels, heads, **arch.presets["official"])
     ours = network.state_dict()
+    state = with_zero_heads(ours, state)  # nnU-Net's deep-supervision heads, where the official network has none
     mismatch = first_mismatch(ours, state)
     if mismatch:
         kw = manager.network_arch_init_kwargs
