@@ -71,6 +71,63 @@ def test_bases_gradient_matches_finite_differences(order):
     assert torch.autograd.gradcheck(lambda v: b_spline_bases(v, grid, order), (x,))
 
 
+@pytest.mark.parametrize("order", [0, 1, 2, 3, 4])
+def test_closed_form_on_equally_spaced_knots_equals_the_recursion(order):
+    """`uniform=True`: the interval's polynomials placed at their bases, and their derivatives, against the
+    recursion and its backward in float64, inside the knots and beyond them (where everything is 0)."""
+    g = torch.Generator().manual_seed(order)
+    grid = (torch.arange(-order, 6 + order, dtype=torch.float64) * 0.25 - 0.5).expand(3, -1).clone()
+    grid[1] = grid[1] * 3 + 1  # another spacing per feature
+    x = (torch.rand(500, 3, dtype=torch.float64, generator=g) * 12 - 5).requires_grad_()
+    x.data[:4] = grid[:, :4].T  # exactly on knots
+    recursion = b_spline_bases(x, grid, order)
+    closed = b_spline_bases(x, grid, order, uniform=True)
+    torch.testing.assert_close(closed, recursion, rtol=0, atol=1e-12)
+    outside = (x < grid[:, :1].T) | (x >= grid[:, -1:].T)
+    assert outside.any() and closed[outside].eq(0).all()
+    weights = torch.randn(recursion.shape, dtype=torch.float64, generator=g)
+    expected, = torch.autograd.grad((recursion * weights).sum(), x)
+    ours, = torch.autograd.grad((closed * weights).sum(), x)
+    torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-12)
+    if order:
+        inner = (torch.rand(20, 3, dtype=torch.float64, generator=g) * 3 - 1).requires_grad_()
+        assert torch.autograd.gradcheck(lambda v: b_spline_bases(v, grid, order, uniform=True), (inner,))
+
+
+def test_closed_form_keeps_nan_and_float32_under_autocast():
+    """A NaN input gives NaN among its bases, so the layer's output is NaN as with the recursion (and
+    no index error); the bases are float32 under bf16 autocast."""
+    grid = uniform_grid(4, 5, 3)
+    x = torch.randn(16, 4)
+    x[0, 1] = float("nan")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bases = b_spline_bases(x.bfloat16(), grid, 3, uniform=True)
+    assert bases.dtype == torch.float32 and bases[0, 1].isnan().any() and not bases[1:].isnan().any()
+    layer = KANLinear(4, 2)
+    assert layer(x)[0].isnan().all() and not layer(x)[1:].isnan().any()
+
+
+def test_kan_layers_take_the_closed_form_only_on_equally_spaced_knots(monkeypatch):
+    """As built, after loading a state dict and after a grid update, a layer's `uniform` says whether its
+    knots are equally spaced; where it is wrong the bases would be (the closed form on other knots)."""
+    torch.manual_seed(0)
+    layer, conv = KANLinear(4, 3), KANConv(nn.Conv2d, 2, 3, 3, padding=1)
+    assert layer.uniform and conv.uniform
+    assert not KANLinear(4, 3).double().uniform  # float32-rounded knots are not equally spaced in float64
+    assert KANLinear(4, 3).double().float().uniform
+    x = torch.rand(512, 4) * 1.2 - 0.8
+    updated = KANLinear(4, 3)
+    updated.update_grid(x)
+    assert not updated.uniform
+    torch.testing.assert_close(updated.b_splines(x), b_spline_bases(x, updated.grid, 3))
+    holder = nn.Sequential(KANLinear(4, 3))  # loaded as a submodule, as in a network
+    holder.load_state_dict({f"0.{k}": v for k, v in updated.state_dict().items()})
+    assert not holder[0].uniform
+    holder.load_state_dict({f"0.{k}": v for k, v in layer.state_dict().items()})
+    assert holder[0].uniform
+    torch.testing.assert_close(holder[0](x), layer(x))
+
+
 def test_bases_are_float32_under_autocast():
     grid = uniform_grid(8, 5, 3)
     x = torch.randn(16, 8).bfloat16()

@@ -22,7 +22,7 @@ from dynamic_network_architectures.building_blocks.regularization import DropPat
 
 from nnunet_ext.blocks import layers
 from nnunet_ext.errors import ConfigurationError
-from nnunet_ext.ops.b_spline import b_spline_bases, fit_spline_coefficients, uniform_grid
+from nnunet_ext.ops.b_spline import b_spline_bases, equally_spaced, fit_spline_coefficients, uniform_grid
 
 TokenMixer = Literal["kan", "mlp"]  # KANLinear, or nn.Linear (the paper's ablation)
 TOKEN_MIXERS = get_args(TokenMixer)
@@ -46,7 +46,31 @@ def _init_spline_weight(weight: torch.Tensor, grid: torch.Tensor, spline_order: 
     weight.copy_(scale * coefficients)
 
 
-class KANLinear(nn.Module):
+class _KnotGrid(nn.Module):
+    """A layer with B-spline knots in the buffer `grid` and `uniform`, whether they are equally spaced
+    (`equally_spaced`), so that its bases take the closed form. `uniform` follows the grid when a state
+    dict is loaded and when the layer changes dtype or device; a grid update sets it."""
+
+    def _register_grid(self, grid: torch.Tensor) -> None:
+        self.register_buffer("grid", grid)
+        self.uniform = True  # as built by uniform_grid
+        self.register_load_state_dict_post_hook(_grid_loaded)
+
+    def _check_grid(self) -> None:
+        if not self.grid.is_meta:  # nothing to check on the meta device, where networks are only counted
+            self.uniform = equally_spaced(self.grid)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._check_grid()  # float32 knots cast to float64 are not equally spaced in float64
+        return self
+
+
+def _grid_loaded(module: _KnotGrid, incompatible_keys) -> None:
+    module._check_grid()
+
+
+class KANLinear(_KnotGrid):
     """y = W_base base_activation(x) + sum_i spline_i(x_i): a learnable B-spline from every input
     to every output, on a grid per input feature (efficient-kan's layer).
 
@@ -64,7 +88,7 @@ class KANLinear(nn.Module):
         self.grid_size, self.spline_order = grid_size, spline_order
         self.scale_noise, self.scale_base, self.scale_spline = scale_noise, scale_base, scale_spline
         self.enable_standalone_scale_spline, self.grid_eps = enable_standalone_scale_spline, grid_eps
-        self.register_buffer("grid", uniform_grid(in_features, grid_size, spline_order, grid_range))
+        self._register_grid(uniform_grid(in_features, grid_size, spline_order, grid_range))
         self.base_weight = nn.Parameter(torch.empty(out_features, in_features))
         self.spline_weight = nn.Parameter(torch.empty(out_features, in_features, grid_size + spline_order))
         self.spline_scaler = nn.Parameter(torch.empty(out_features, in_features)) \
@@ -88,7 +112,7 @@ class KANLinear(nn.Module):
 
     def b_splines(self, x: torch.Tensor) -> torch.Tensor:
         """Bases at x (samples, in_features): (samples, in_features, grid_size + spline_order)."""
-        return b_spline_bases(x, self.grid, self.spline_order)
+        return b_spline_bases(x, self.grid, self.spline_order, self.uniform)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -119,6 +143,7 @@ class KANLinear(nn.Module):
         outer = torch.arange(1, k + 1, dtype=x_sorted.dtype, device=x.device).unsqueeze(1) * step
         knots = torch.cat([knots[:1] - outer.flip(0), knots, knots[-1:] + outer])
         self.grid.copy_(knots.T)
+        self._check_grid()
         coefficients = fit_spline_coefficients(x, curves.transpose(0, 1), self.grid, k)
         if self.spline_scaler is not None:
             coefficients = coefficients / self.spline_scaler.unsqueeze(-1)
@@ -134,7 +159,7 @@ class KANLinear(nn.Module):
         return regularize_activation * activation + regularize_entropy * entropy
 
 
-class KANConv(nn.Module):
+class KANConv(_KnotGrid):
     """A KAN convolution: KANLinear over each receptive field, its inputs being every channel at
     every tap, each channel's taps sharing that channel's knots (seed 000's convolution with a
     conv weight plus B-spline weights).
@@ -162,7 +187,7 @@ class KANConv(nn.Module):
         self.conv = layers.convolution(dim)
         self.spline_order, self.scale_noise = spline_order, scale_noise
         self.scale_base, self.scale_spline = scale_base, scale_spline
-        self.register_buffer("grid", uniform_grid(in_channels, grid_size, spline_order, grid_range))
+        self._register_grid(uniform_grid(in_channels, grid_size, spline_order, grid_range))
         self.base_weight = nn.Parameter(torch.empty(out_channels, in_channels, *kernel))
         self.spline_weight = nn.Parameter(torch.empty(out_channels, in_channels, grid_size + spline_order, *kernel))
         self.spline_scaler = nn.Parameter(torch.empty(out_channels, in_channels, *kernel))
@@ -177,7 +202,8 @@ class KANConv(nn.Module):
         nn.init.kaiming_uniform_(self.spline_scaler, a=math.sqrt(5) * self.scale_spline)
 
     def _spline(self, x: torch.Tensor) -> torch.Tensor:
-        bases = b_spline_bases(x.movedim(1, -1), self.grid, self.spline_order).to(x.dtype)  # (b, *size, c, bases)
+        bases = b_spline_bases(x.movedim(1, -1), self.grid, self.spline_order, self.uniform)  # (b, *size, c, bases)
+        bases = bases.to(x.dtype)
         bases = bases.flatten(-2).movedim(-1, 1)  # channel-major: (b, c * bases, *size)
         weight = (self.spline_weight * self.spline_scaler.unsqueeze(2)).flatten(1, 2)
         return self.conv(bases, weight, stride=self.stride)

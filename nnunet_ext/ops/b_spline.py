@@ -11,11 +11,18 @@ feature and output. Its splines live on a knot vector per input feature, `grid` 
 of them at once, in at least float32 whatever the autocast dtype, and its backward recomputes the
 order-(k-1) bases from x and differentiates with dB_i,k/dx = k (B_i,k-1 / (t_i+k - t_i) -
 B_i+1,k-1 / (t_i+k+1 - t_i+1)): autograd keeps only x instead of every intermediate of the recursion.
+
+On equally spaced knots (a KAN layer's, until a grid update moves them) only the k + 1 bases of the
+interval holding x are nonzero, and they are the same polynomials in x's position u within it on every
+interval: [1, u, ..., u^k] times one (k + 1) x (k + 1) matrix. `b_spline_bases(..., uniform=True)`
+evaluates those and places them, instead of running the recursion over every basis: the same numbers in
+less than half the time (docs/ukan.md).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def uniform_grid(features: int, grid_size: int, spline_order: int, grid_range=(-1.0, 1.0)) -> torch.Tensor:
@@ -63,19 +70,100 @@ class _BSplineBases(torch.autograd.Function):
         return (grad * derivative).sum(-1), None, None
 
 
-def b_spline_bases(x: torch.Tensor, grid: torch.Tensor, spline_order: int) -> torch.Tensor:
+def equally_spaced(grid: torch.Tensor) -> bool:
+    """Whether the knots of every feature (row of `grid`) are equally spaced, up to the rounding of the
+    grid's dtype: where `b_spline_bases(..., uniform=True)` computes what the recursion computes, to
+    that rounding. (uniform_grid's float32 knots are; the same knots in float64 are not.)"""
+    steps = grid.diff(dim=1)
+    rounding = 8 * torch.finfo(grid.dtype).eps * grid.abs().amax(1, keepdim=True)
+    return bool((steps[:, :1] > 0).all() and ((steps - steps[:, :1]).abs() <= rounding).all())
+
+
+def _fit_uniform_basis_matrix(order: int) -> torch.Tensor:
+    """M with [1, u, ..., u^k] @ M = the k + 1 order-k bases that are nonzero on one interval of
+    equally spaced knots, at position u in [0, 1) within it (the lowest-indexed basis first): fitted
+    exactly, in float64, to the recursion at k + 1 points."""
+    grid = torch.arange(2 * order + 2, dtype=torch.float64).unsqueeze(0)  # bases 0..k are nonzero on [k, k+1)
+    u = torch.linspace(0, 1, order + 2, dtype=torch.float64)[:-1]
+    values = cox_de_boor((u + order).unsqueeze(-1), grid, order)[:, 0]  # (points, k + 1)
+    powers = u.unsqueeze(-1) ** torch.arange(order + 1, dtype=torch.float64)
+    return torch.linalg.solve(powers, values)
+
+
+# Fitted here, once: a network compiled with torch.compile then reads constants instead of tracing the fit.
+_BASIS_MATRICES = {order: _fit_uniform_basis_matrix(order) for order in range(6)}
+
+
+def _uniform_basis_matrix(order: int) -> torch.Tensor:
+    if order not in _BASIS_MATRICES:
+        _BASIS_MATRICES[order] = _fit_uniform_basis_matrix(order)
+    return _BASIS_MATRICES[order]
+
+
+def _interval_positions(x: torch.Tensor, grid: torch.Tensor, order: int):
+    """For x (..., features) on equally spaced knots: the powers [1, u, ..., u^k] of its position u in its
+    interval m (..., features, k + 1), the positions m .. m + k of that interval's bases in the output padded
+    by k on each side, and whether x lies inside the knots at all (1 or 0)."""
+    intervals = grid.shape[1] - 1
+    position = (x - grid[:, 0]) / _step(grid)
+    inside = (position >= 0) & (position < intervals)
+    cell = torch.where(inside, position.floor(), 0)  # outside (NaN included): any valid index, the values are 0
+    u = position - cell
+    powers = [torch.ones_like(u), u]
+    while len(powers) <= order:  # products: faster than pow
+        powers.append(powers[-1] * u)
+    taps = cell.long().unsqueeze(-1) + torch.arange(order + 1, device=x.device)  # padded positions of the bases
+    return torch.stack(powers[:order + 1], -1), taps, inside.unsqueeze(-1).to(x.dtype)
+
+
+def _step(grid: torch.Tensor) -> torch.Tensor:
+    """The knot spacing per feature, from the whole span: closer to the exact spacing than one rounded step."""
+    return (grid[:, -1] - grid[:, 0]) / (grid.shape[1] - 1)
+
+
+class _UniformBSplineBases(torch.autograd.Function):
+    """`cox_de_boor` on equally spaced knots, by the interval's polynomials; differentiated the same way."""
+
+    @staticmethod
+    def forward(ctx, x, grid, order):
+        ctx.save_for_backward(x, grid)
+        ctx.order = order
+        powers, taps, inside = _interval_positions(x, grid, order)
+        values = (powers @ _uniform_basis_matrix(order).to(x)) * inside  # times 0, not masked: NaN stays NaN
+        n_bases = grid.shape[1] - order - 1
+        # Basis i is at padded position i + order; the k + 1 bases of interval m are m - k .. m.
+        padded = x.new_zeros(*x.shape, n_bases + 2 * order).scatter_(-1, taps, values)
+        return padded[..., order:order + n_bases]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, grid = ctx.saved_tensors
+        k = ctx.order
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        powers, taps, inside = _interval_positions(x, grid, k)
+        # d/du of [1, u, ..., u^k] is [0, 1, 2u, ..., k u^(k-1)]: only the rows of M from the second on.
+        slopes = (powers[..., :-1] * torch.arange(1, k + 1, dtype=x.dtype, device=x.device)) \
+            @ _uniform_basis_matrix(k)[1:].to(x)
+        local = F.pad(grad, (k, k)).gather(-1, taps)
+        return (local * slopes).sum(-1) * inside.squeeze(-1) / _step(grid), None, None
+
+
+def b_spline_bases(x: torch.Tensor, grid: torch.Tensor, spline_order: int, uniform: bool = False) -> torch.Tensor:
     """All B-spline bases of order `spline_order` on the knots `grid` (features, n_knots), at
     x (..., features). Returns (..., features, n_knots - spline_order - 1) in float32, or in
-    x's dtype if that is wider; differentiable in x (not in the knots)."""
+    x's dtype if that is wider; differentiable in x (not in the knots). `uniform`: the caller knows that
+    every feature's knots are equally spaced (`equally_spaced`), and the bases come from the closed form."""
     # Overridable like torch's own functions, so that a TorchFunctionMode sees each call with its
     # result: nnunet_ext.tools.memory counts the bases a network forms this way.
     if torch.overrides.has_torch_function((x, grid)):
-        return torch.overrides.handle_torch_function(b_spline_bases, (x, grid), x, grid, spline_order)
+        return torch.overrides.handle_torch_function(b_spline_bases, (x, grid), x, grid, spline_order, uniform)
     if grid.dim() != 2 or x.shape[-1] != grid.shape[0]:
         raise ValueError(f"x has {x.shape[-1]} features in its last axis but the grid has knots for "
                          f"{grid.shape[0] if grid.dim() == 2 else 'no'} features (shape {tuple(grid.shape)}).")
     dtype = torch.promote_types(x.dtype, torch.float32)
-    return _BSplineBases.apply(x.to(dtype), grid.to(dtype), spline_order)
+    bases = _UniformBSplineBases if uniform else _BSplineBases
+    return bases.apply(x.to(dtype), grid.to(dtype), spline_order)
 
 
 def fit_spline_coefficients(x: torch.Tensor, y: torch.Tensor, grid: torch.Tensor, spline_order: int) -> torch.Tensor:
