@@ -85,7 +85,8 @@ class Architecture:
     compile_off: why nnU-Net's torch.compile (on by default on CUDA) is turned off for it, which the
         training log says; empty where it compiles.
     official_weights: "module:function" that renames a state dict written by the official code to the
-        `official` preset's (`nnunet-ext import-official`); empty where there is none.
+        `official` preset's (`nnunet-ext import-official`), taking (state, ours), ours being the preset
+        network's state dict or None; empty where there is none.
     """
 
     name: str
@@ -124,12 +125,14 @@ class Architecture:
     def recipe_class(self) -> type:
         return import_object(self.recipe, f"Architecture '{self.name}'")
 
-    def official_state_dict(self, state: Mapping[str, Any]) -> dict[str, Any]:
-        """A state dict written by the official code, renamed to the `official` preset's network."""
+    def official_state_dict(self, state: Mapping[str, Any], ours: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """A state dict written by the official code, renamed to the `official` preset's network, whose state
+        dict `ours`, where given, is the layout to put tensors that the official code keeps in another one
+        (the converter's second argument; renaming alone needs only names)."""
         if not self.official_weights:
             raise ConfigurationError(f"Architecture '{self.name}' has no converter for the official code's "
                                      "checkpoints.")
-        return import_object(self.official_weights, f"Architecture '{self.name}'")(state)
+        return import_object(self.official_weights, f"Architecture '{self.name}'")(state, ours)
 
     def options(self) -> dict[str, Any]:
         """Every option and its default, read from the network constructor's signature."""
@@ -257,6 +260,11 @@ register(Architecture(
     compile_off="the deformable convolution samples its kernel taps in memory-bounded chunks, a loop that tracing "
                 "unrolls: 25 to 49 recomputed chunks per convolution at nnU-Net-sized 2D plans, and compiling takes "
                 "longer than the training gains (docs/dlka_net.md)",
+    # The official 3D network's modules on the plans' stages: 3 blocks everywhere, each with the positional
+    # embedding and the deformable 3^d convolution (docs/dlka_net.md).
+    presets={"official": {"layout": "official", "encoder_blocks": 3, "bottleneck_blocks": 3, "decoder_blocks": 3,
+                          "deformable": "extra", "position_embedding": True}},
+    official_weights="nnunet_ext.networks.dlka_net:from_official",
 ))
 
 register(Architecture(

@@ -50,6 +50,9 @@ DIFFERENCES = {
     ],
     # The default's stages, upsampling and norms have other parameters than the official ones: only the shift maps.
     "ukan": [("tokens shifted along each axis in turn (default)", {"token_shift": True}, None)],
+    # The default's stages, norms and biases have other parameters; these two leave official tensors out.
+    "dlka_net": [("no positional embeddings (default)", {"position_embedding": False}, None),
+                 ("2 bottleneck blocks, as the paper's text (default)", {"bottleneck_blocks": 2}, None)],
 }
 
 
@@ -66,7 +69,7 @@ def main(names: list[str]) -> None:
                 topology = Topology.from_entry(case["architecture"], case["patch_size"])
                 network = arch.build(topology, case["input_channels"], case["num_classes"],
                                      **{**arch.presets["official"], **options}).eval()
-                state = arch.official_state_dict(official_state(arrays, case))
+                state = arch.official_state_dict(official_state(arrays, case), network.state_dict())
                 state = with_zero_heads(network.state_dict(), mapping(state) if mapping else state)
                 network.load_state_dict({k: state[k] for k in network.state_dict()}, strict=True)
                 errors = []

@@ -7,11 +7,13 @@ below (the script refuses another). It runs the official network on CPU, its Mam
 mamba_ssm Python source (tests/mamba_ssm_reference.py: the sdist from the package index, no compiled
 kernels), on small nnU-Net 2.8 configurations with every parameter randomised, in eval mode and
 float32, and writes
-- `<arch>.npz`, per configuration: "<case>/state/<name>" the official state dict (float16, whose
-  values the network ran with; each tensor once, see `state_arrays`), "<case>/input/<i>" and
+- `<arch>.npz`, per configuration: "<case>/state" the official state dict's floating-point tensors, each
+  once, as one array of int16 multiples of STEP (the very values the network ran with, see `randomise`
+  and `state_arrays`), "<case>/state/<name>" its integer tensors, "<case>/input/<i>" and
   "<case>/output/<i>/<j>" (every deep-supervision output, highest resolution first), numbers only;
 - `<arch>.json`: the commit, the versions used, each configuration (its plans `architecture` entry and
-  patch size, input channels, classes, the mean and standard deviation of every tensor as the
+  patch size, input channels, classes, the names and shapes of the tensors in "<case>/state" and the step,
+  the names that share a tensor, the mean and standard deviation of every tensor as the
   official code initialises it) and the official parameter counts at the paper's configurations
   (counted on the meta device where the official code can be built there).
 The tests need neither the official code nor mamba_ssm; this script needs both.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 import types
@@ -59,6 +62,15 @@ def small(configuration: dict, features: list[int]) -> dict:
     return configuration
 
 
+def dlka_configuration(feature_size: int, patch: list[int]) -> dict:
+    """The official D-LKA Net's topology as a 3d configuration: five stages of widths f, 2f, 4f, 8f, 16f, the
+    (2, 4, 4) patch embedding, strides 2 below it."""
+    widths = [feature_size * 2 ** s for s in range(5)]
+    configuration = small(plans_configuration(3, 5, widths[-1], patch), widths)
+    configuration["architecture"]["arch_kwargs"]["strides"] = [[1, 1, 1], [2, 4, 4]] + [[2, 2, 2]] * 3
+    return configuration
+
+
 @dataclass
 class Case:
     """One small configuration: inputs of these sizes (batch, channels, *spatial) go through the network."""
@@ -79,7 +91,7 @@ class Official:
     cases: list[Case]
     paper: dict[str, tuple[dict, int, int]]  # the paper's configurations, for the parameter counts
     count_on: str = "meta"  # "cpu" where the official code cannot be built on the meta device
-    deep_supervision_heads: bool = True  # whether the official network has nnU-Net's lower-resolution heads
+    heads: int | None = None  # how many of nnU-Net's heads, highest resolution first, the official network has
 
 
 def import_file(path: Path, name: str) -> types.ModuleType:
@@ -153,6 +165,97 @@ def load_ukan(checkout: Path):
     return build, {"timm": "not used (stand-ins for DropPath, to_2tuple, trunc_normal_)"}
 
 
+def d3d_deform_conv_forward(x, weight, bias, offset, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw, groups,
+                            deformable_groups, im2col_step):
+    """A plain-PyTorch stand-in for the official compiled D3D.deform_conv_forward, written from its CUDA source
+    (3D/dcn/src/cuda/deform_im2col_cuda.cuh): offsets per deformable group, per tap (i, j, k), then (d, h, w);
+    tap (i, j, k) of output (z, y, x) samples the input at (z * sd - pd + i * dd + offset_d, ...) trilinearly where
+    every coordinate p is -1 < p < size, corners outside the input counting zero; elsewhere it is zero."""
+    b, c, size = x.shape[0], x.shape[1], x.shape[2:]
+    out_size = [(n + 2 * p - (d * (k - 1) + 1)) // s + 1
+                for n, p, d, k, s in zip(size, (pd, ph, pw), (dd, dh, dw), (kd, kh, kw), (sd, sh, sw))]
+    taps = [(i, j, k) for i in range(kd) for j in range(kh) for k in range(kw)]
+    offset = offset.view(b, deformable_groups, len(taps), 3, *out_size)
+    grouped = x.reshape(b, deformable_groups, c // deformable_groups, -1)  # the input per deformable group
+    origin = torch.meshgrid(*(torch.arange(n, dtype=x.dtype) * s - p
+                              for n, s, p in zip(out_size, (sd, sh, sw), (pd, ph, pw))), indexing="ij")
+    columns = []
+    for t, tap in enumerate(taps):
+        position = [origin[a] + tap[a] * (dd, dh, dw)[a] + offset[:, :, t, a] for a in range(3)]  # (b, g, *out)
+        inside = (position[0] > -1) & (position[0] < size[0]) & (position[1] > -1) & (position[1] < size[1]) & \
+            (position[2] > -1) & (position[2] < size[2])
+        low = [p.floor() for p in position]
+        value = torch.zeros(b, deformable_groups, c // deformable_groups, *out_size, dtype=x.dtype)
+        for corner in [(a, e, f) for a in (0, 1) for e in (0, 1) for f in (0, 1)]:
+            index = [low[a] + corner[a] for a in range(3)]
+            weight_ = torch.ones_like(position[0])
+            valid = inside.clone()
+            for a in range(3):
+                fraction = position[a] - low[a]
+                weight_ = weight_ * (fraction if corner[a] else 1 - fraction)
+                valid &= (index[a] >= 0) & (index[a] <= size[a] - 1)
+            flat = ((index[0].clamp(0, size[0] - 1) * size[1] + index[1].clamp(0, size[1] - 1)) * size[2]
+                    + index[2].clamp(0, size[2] - 1)).long().flatten(2)  # (b, g, P)
+            gathered = torch.gather(grouped, 3, flat.unsqueeze(2).expand(-1, -1, grouped.shape[2], -1))
+            value += (gathered.view_as(value) * (weight_ * valid).unsqueeze(2))
+        columns.append(value.reshape(b, c, -1))
+    columns = torch.stack(columns, 2)  # (b, c, taps, P)
+    out_channels = weight.shape[0]
+    w = weight.reshape(groups, out_channels // groups, c // groups, len(taps))
+    cols = columns.reshape(b, groups, c // groups, len(taps), -1)
+    out = torch.einsum("gock,bgckp->bgop", w, cols).reshape(b, out_channels, *out_size)
+    return out + bias.view(1, -1, 1, 1, 1)
+
+
+def load_dlka_net(checkout: Path):
+    """3D/d_lka_former with MONAI 0.8.1 and einops 0.4.1 (its requirements; not ours: install them with
+    `pip install --target DIR monai==0.8.1 einops==0.4.1` and put DIR on PYTHONPATH). Stand-ins: the compiled D3D
+    extension (d3d_deform_conv_forward), timm's trunc_normal_ (which its 3D network does not call), torchvision
+    (its 2D blocks only) and the nnU-Net v1 inference base class (neural_network.SegmentationNetwork)."""
+    def module(name: str, **attributes) -> types.ModuleType:
+        stub = types.ModuleType(name)
+        stub.__dict__.update(attributes)
+        sys.modules[name] = stub
+        return stub
+
+    module("D3D", deform_conv_forward=d3d_deform_conv_forward)
+    layers = module("timm.models.layers", trunc_normal_=nn.init.trunc_normal_)
+    module("timm", models=module("timm.models", layers=layers))
+    module("torchvision", ops=module("torchvision.ops"))
+    sys.path.insert(0, str(checkout / "3D"))
+    module("d_lka_former.network_architecture.neural_network", SegmentationNetwork=nn.Module)
+    network_module = importlib.import_module("d_lka_former.network_architecture.synapse.d_lka_former_synapse")
+    blocks = importlib.import_module("d_lka_former.network_architecture.synapse.transformerblock")
+
+    def build(configuration: dict, input_channels: int, num_classes: int) -> nn.Module:
+        # The official network is fixed: five levels, a (2, 4, 4) patch embedding, strides 2 below it, widths
+        # f, 2f, 4f, 8f, 16f from its feature_size f, 3x3x3 convolutions, 3 blocks everywhere.
+        kw = configuration["architecture"]["arch_kwargs"]
+        f, patch = kw["features_per_stage"][0], configuration["patch_size"]
+        expected = ([f * 2 ** s for s in range(5)], [[1, 1, 1], [2, 4, 4]] + [[2, 2, 2]] * 3)
+        if (kw["features_per_stage"], kw["strides"]) != expected:
+            raise ValueError(f"the official D-LKA Net has widths {expected[0]} and strides {expected[1]}")
+        if input_channels != 1:
+            raise ValueError("the official encoder's patch embedding takes 1 channel (its in_channels is left at 1)")
+        network = network_module.D_LKA_Former(
+            in_channels=input_channels, out_channels=num_classes, img_size=patch, feature_size=f, hidden_size=16 * f,
+            num_heads=4, depths=[3, 3, 3, 3], dims=[2 * f, 4 * f, 8 * f, 16 * f], do_ds=True,
+            trans_block=blocks.TransformerBlock_3D_single_deform_LKA)
+        # Its blocks' positional embeddings are sized for the Synapse patch 64 x 128 x 128 (input_size and out_size
+        # are constants in model_components.py and d_lka_former_synapse.py): sized here for this patch, zeros
+        # as there.
+        tokens = {f * 2 ** level: math.prod(n // (2 ** level * s) for n, s in zip(patch, (1, 2, 2)))
+                  for level in range(1, 5)}  # per width: the positions of its level, strides (2, 4, 4) * 2^(level-1)
+        for block in network.modules():
+            if isinstance(block, blocks.TransformerBlock_3D_single_deform_LKA):
+                width = block.pos_embed.shape[2]
+                block.pos_embed = nn.Parameter(torch.zeros(1, tokens[width], width))
+        return network
+
+    return build, {"monai": _version("monai"), "einops": _version("einops"),
+                   "D3D": "plain-PyTorch stand-in (scripts/official_goldens.py d3d_deform_conv_forward)"}
+
+
 OFFICIAL = {
     "lkm_unet": Official(
         repository="wjh892521292/LKM-UNet", commit="66157750a2ad9e1cd7de5b48d8f69bb0262244ce", load=load_lkm_unet,
@@ -176,19 +279,33 @@ OFFICIAL = {
         ],
         # The paper's embed_dims (256, 320, 512), 3 input channels; 2 outputs, as nnU-Net plans a binary task.
         paper={"2d": (small(plans_configuration(2, 6, 512, [256, 256]), [32, 32, 64, 256, 320, 512]), 3, 2)},
-        count_on="cpu", deep_supervision_heads=False),
+        count_on="cpu", heads=1),
+    "dlka_net": Official(
+        repository="xmindflow/deformableLKA", commit="d2d299267a765b07ca8956b18d94876e729e79f2", load=load_dlka_net,
+        cases=[
+            # feature_size 2; the smallest patch the total stride (16, 32, 32) divides: levels 8^3, 4^3, 2^3, 1.
+            Case("3d", dlka_configuration(2, [16, 32, 32]), 1, 3, [[1, 1, 16, 32, 32]]),
+        ],
+        # The Synapse network: feature_size 16, patch 64 x 128 x 128, 1 channel, 14 outputs (13 organs).
+        paper={"3d": (dlka_configuration(16, [64, 128, 128]), 1, 14)}, heads=3),
 }
 
 
+# The grid of the randomised state's values: int16 multiples of it store each value in 2 bytes, which compress
+# to under one (D-LKA Net's smallest official network has 1.2 M parameters; the goldens' budget is 2 MB in all).
+STEP = 1 / 32
+
+
 def randomise(network: nn.Module, seed: int = 1) -> None:
-    """Move every parameter and buffer off its initial value (zero-initialised norms included), so that
-    each one changes the outputs, to values float16 holds exactly: the goldens store them at half the
-    size, and the tests read back the very numbers the official code ran with."""
+    """Move every parameter and buffer off its initial value (zero-initialised norms included) by normal noise
+    of standard deviation 0.05, so that each one changes the outputs, onto the multiples of STEP: the goldens
+    store them exactly, and the tests read back the very numbers the official code ran with."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for tensor in [*network.parameters(), *network.buffers()]:
             if tensor.is_floating_point():
-                tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator)).copy_(tensor.half())
+                tensor.add_(0.05 * torch.randn(tensor.shape, generator=generator))
+                tensor.copy_((tensor / STEP).round() * STEP)
 
 
 def initialisation(network: nn.Module) -> dict[str, list[float]]:
@@ -201,19 +318,27 @@ def initialisation(network: nn.Module) -> dict[str, list[float]]:
             for name, t in network.state_dict().items() if t.is_floating_point()}
 
 
-def state_arrays(network: nn.Module) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The state dict as float16 arrays, each tensor once, and the names that share a tensor
-    (dynamic_network_architectures keeps the encoder in the decoder and each convolution twice)
-    mapped to the name stored."""
-    arrays, first, aliases = {}, {}, {}
+def state_arrays(network: nn.Module) -> tuple[np.ndarray, list, dict[str, np.ndarray], dict[str, str]]:
+    """The randomised state dict, each tensor once: the floating-point tensors as one int16 array of multiples of
+    STEP and their names and shapes in its order, the integer tensors by name, and the names that share a
+    tensor (dynamic_network_architectures keeps the encoder in the decoder and each convolution twice) mapped
+    to the name stored."""
+    codes, layout, integers, first, aliases = [], [], {}, {}, {}
     for name, tensor in network.state_dict().items():
         identity = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
         if identity in first:
             aliases[name] = first[identity]
             continue
         first[identity] = name
-        arrays[name] = tensor.numpy().astype(np.float16) if tensor.is_floating_point() else tensor.numpy()
-    return arrays, aliases
+        if not tensor.is_floating_point():
+            integers[name] = tensor.numpy()
+            continue
+        code = (tensor.double() / STEP).round()
+        if code.abs().max() >= 2 ** 15 or not torch.equal(code * STEP, tensor.double()):
+            raise ValueError(f"{name} is not a multiple of {STEP} within int16's range")
+        codes.append(code.flatten().numpy().astype(np.int16))
+        layout.append([name, list(tensor.shape)])
+    return np.concatenate(codes), layout, integers, aliases
 
 
 def parameter_count(device: str, build, configuration: dict, input_channels: int, num_classes: int) -> int:
@@ -241,17 +366,20 @@ def main(argv=None) -> None:
         network = build(case.configuration, case.input_channels, case.num_classes).eval()
         initial = initialisation(network)
         randomise(network)
-        state, aliases = state_arrays(network)
-        arrays |= {f"{case.name}/state/{k}": v for k, v in state.items()}
+        codes, layout, integers, aliases = state_arrays(network)
+        arrays[f"{case.name}/state"] = codes
+        arrays |= {f"{case.name}/state/{k}": v for k, v in integers.items()}
         for i, shape in enumerate(case.inputs):
-            x = torch.randn(shape, generator=torch.Generator().manual_seed(2 + i))
+            # values float16 holds exactly, which compress
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(2 + i)).half().float()
             with torch.no_grad():
                 outputs = network(x)
             outputs = [outputs] if isinstance(outputs, torch.Tensor) else outputs  # without deep supervision
             arrays[f"{case.name}/input/{i}"] = x.numpy()
             arrays |= {f"{case.name}/output/{i}/{j}": y.numpy() for j, y in enumerate(outputs)}
         cases.append({"name": case.name, **case.configuration, "input_channels": case.input_channels,
-                      "num_classes": case.num_classes, "inputs": len(case.inputs), "aliases": aliases,
+                      "num_classes": case.num_classes, "inputs": len(case.inputs), "state": layout, "state_step": STEP,
+                      "aliases": aliases,
                       "initialisation": {k: v for k, v in initial.items() if k not in aliases}})
         print(f"{args.arch} {case.name}: {sum(p.numel() for p in network.parameters())} parameters, "
               f"{len(case.inputs)} inputs")
@@ -262,10 +390,10 @@ def main(argv=None) -> None:
     meta = {"repository": spec.repository, "commit": spec.commit, "made_by": "scripts/official_goldens.py",
             "versions": {"torch": torch.__version__, "numpy": np.__version__,
                          "dynamic_network_architectures": _version("dynamic_network_architectures"), **versions},
-            "deep_supervision_heads": spec.deep_supervision_heads, "cases": cases,
+            "heads": spec.heads, "cases": cases,
             "paper_parameters": {name: {**paper[0], "input_channels": paper[1], "num_classes": paper[2],
                                         "parameters": counts[name]} for name, paper in spec.paper.items()}}
-    (args.out / f"{args.arch}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    (args.out / f"{args.arch}.json").write_text(json.dumps(meta, separators=(",", ":")) + "\n")  # compact: 2 MB in all
     print(f"parameters at the paper's configurations: {counts}")
     print(f"wrote {args.out / args.arch}.npz and .json")
 

@@ -70,11 +70,14 @@ class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def on_cpu(module: nn.Module) -> nn.Module:
-    """`module` with each SyncBatchNorm replaced by a GlooSyncBatchNorm holding its parameters and buffers."""
+    """`module` with each SyncBatchNorm replaced by a GlooSyncBatchNorm holding the same parameters and buffers
+    (not copies: convert_sync_batchnorm makes one SyncBatchNorm per reference to a BatchNorm, sharing its
+    tensors, and dynamic_network_architectures' blocks reference each norm twice)."""
     for name, child in module.named_children():
         if isinstance(child, nn.SyncBatchNorm):
             replacement = GlooSyncBatchNorm(child.num_features, child.eps, child.momentum)
-            replacement.load_state_dict(child.state_dict())
+            for tensor in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                setattr(replacement, tensor, getattr(child, tensor))
             setattr(module, name, replacement)
         else:
             on_cpu(child)
@@ -87,6 +90,9 @@ def train(name: str, topology_name: str, options: dict, rank: int | None = None)
     topology, channels = TOPOLOGIES[topology_name]
     torch.manual_seed(0)
     net = ARCHITECTURES[name].build(topology, channels, NUM_CLASSES, **options)
+    for module in net.modules():  # nothing random (D-LKA Net's official blocks drop channels): ranks == one process
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
     x = torch.randn(4, channels, *topology.patch_size, generator=torch.Generator().manual_seed(1))
     if rank is not None:
         net = DistributedDataParallel(on_cpu(nn.SyncBatchNorm.convert_sync_batchnorm(net)))

@@ -42,12 +42,18 @@ def plans_name(name: str) -> str:
 
 def official_checkpoint(name: str, path: Path, **extra) -> Path:
     """The goldens' state dict in the layout the official code saves. U-KAN's train.py saves the state dict
-    alone. The LKM-UNet fork saves an nnU-Net checkpoint (numpy scalars in its log, a torch.device in its
+    alone. D-LKA Net's trainer saves nnU-Net v1's checkpoint (the state dict under 'state_dict', numpy scalars
+    in its curves). The LKM-UNet fork saves an nnU-Net checkpoint (numpy scalars in its log, a torch.device in its
     init_args), which its users pickled under numpy 1 (numpy.core.multiarray.scalar)."""
     _, arrays = goldens(name)
     state = official_state(arrays, golden_case(name))
     if name == "ukan":
         torch.save({**state, **extra}, path)
+        return path
+    if name == "dlka_net":
+        torch.save({"epoch": 1000, "state_dict": state, "optimizer_state_dict": None, "lr_scheduler_state_dict": None,
+                    "plot_stuff": ([0.9], [0.8], [0.8], [np.float64(0.5)]), "best_stuff": (900, 0.8, np.float64(0.5)),
+                    **extra}, path)
         return path
     buffer = io.BytesIO()  # the legacy format: one pickle stream, whose global names can be rewritten
     torch.save({"network_weights": state, "logging": {"mean_fg_dice": [np.float64(0.5)]}, "_best_ema": np.float64(0.5),
@@ -121,6 +127,23 @@ def test_refuses_an_official_ukan_of_another_configuration(golden_plans, tmp_pat
     assert "4 stages of [4, 8, 8, 8] features, 1 input channel(s) and 3 output(s)" in str(refused.value)
     assert "'encoder.stages.1.0.0.weight' is (2, 1, 3, 3) in the checkpoint, (8, 1, 3, 3) here" in str(refused.value)
     assert not fold_folder(golden_plans, "ukan", "4").exists()
+
+
+def test_refuses_an_official_dlka_net_trained_on_another_patch(golden_plans, tmp_path):
+    """The official D-LKA Net's positional embeddings hold one vector per position of its training patch."""
+    folder = golden_plans.preprocessed / golden_plans.dataset
+    plans = json.loads((folder / f"{plans_name('dlka_net')}.json").read_text())
+    plans["configurations"]["3d_fullres"]["patch_size"] = [16, 32, 64]
+    plans["plans_name"] = "nnUNetPlans_otherPatch"
+    (folder / "nnUNetPlans_otherPatch.json").write_text(json.dumps(plans))
+    checkpoint = official_checkpoint("dlka_net", tmp_path / "dlka.pth")
+    with pytest.raises(ImportRefused) as refused:
+        import_official("dlka_net", checkpoint, "999", "3d_fullres", "nnUNetPlans_otherPatch", "0")
+    assert "'encoder.stages.1.2.0.position_embedding' is (1, 512, 4) in the checkpoint, (1, 4, 8, 8, 16) here" \
+        in str(refused.value)
+    assert "on patches of 16x32x64" in str(refused.value)
+    assert not golden_plans.fold_dir(golden_plans.dataset, "nnUNetTrainerDLKANetOfficial", "3d_fullres", fold=0,
+                                     plans="nnUNetPlans_otherPatch").exists()
 
 
 def test_refuses_a_pickled_callable_without_running_it(golden_plans, tmp_path):

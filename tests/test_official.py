@@ -35,11 +35,14 @@ def goldens(name: str) -> tuple[dict, np.lib.npyio.NpzFile]:
 
 
 def official_state(arrays, case: dict) -> dict[str, torch.Tensor]:
-    """The official network's whole state dict: the stored tensors (float16 holds their values
-    exactly) and the names that share them."""
+    """The official network's whole state dict: the floating-point tensors (stored as integer multiples of
+    the step, in the order of `case["state"]`), the integer ones, and the names that share them."""
+    values = torch.from_numpy(arrays[f"{case['name']}/state"].astype(np.float32)) * case["state_step"]
+    sizes = [math.prod(shape) for _, shape in case["state"]]
+    assert sum(sizes) == values.numel()
+    state = {name: tensor.view(shape) for (name, shape), tensor in zip(case["state"], values.split(sizes))}
     prefix = f"{case['name']}/state/"
-    state = {k.removeprefix(prefix): torch.from_numpy(arrays[k]) for k in arrays.files if k.startswith(prefix)}
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    state |= {k.removeprefix(prefix): torch.from_numpy(arrays[k]) for k in arrays.files if k.startswith(prefix)}
     return state | {alias: state[name] for alias, name in case["aliases"].items()}
 
 
@@ -60,15 +63,15 @@ def test_official_preset_computes_the_official_outputs(name):
     meta, arrays = goldens(name)
     assert meta["cases"], "goldens without a configuration prove nothing"
     for case in meta["cases"]:
-        network = preset_network(name, case, deep_supervision=meta["deep_supervision_heads"]).eval()
-        state = ARCHITECTURES[name].official_state_dict(official_state(arrays, case))
+        network = preset_network(name, case, deep_supervision=meta["heads"] != 1).eval()
+        state = ARCHITECTURES[name].official_state_dict(official_state(arrays, case), network.state_dict())
         network.load_state_dict(with_zero_heads(network.state_dict(), state), strict=True)
         for i in range(case["inputs"]):
             with torch.no_grad():
                 outputs = network(torch.from_numpy(arrays[f"{case['name']}/input/{i}"]))
             outputs = [outputs] if isinstance(outputs, torch.Tensor) else outputs
-            expected = [arrays[f"{case['name']}/output/{i}/{j}"] for j in range(len(outputs))]
-            assert f"{case['name']}/output/{i}/{len(outputs)}" not in arrays.files  # as many outputs as theirs
+            expected = [arrays[f"{case['name']}/output/{i}/{j}"] for j in range(meta["heads"] or len(outputs))]
+            assert f"{case['name']}/output/{i}/{len(expected)}" not in arrays.files  # as many outputs as theirs
             for j, (ours, theirs) in enumerate(zip(outputs, expected)):
                 error = relative_error(ours, torch.from_numpy(theirs))
                 assert error <= 1e-5, f"{name} {case['name']} input {i} output {j}: {error:.2e} relative"
@@ -112,8 +115,8 @@ def test_official_preset_has_the_official_parameter_count_at_the_papers_configur
     meta, _ = goldens(name)
     for paper, entry in meta["paper_parameters"].items():
         network = preset_network(name, entry, device="meta")
-        theirs = [] if meta["deep_supervision_heads"] else deep_supervision_heads(network.state_dict())
-        assert sum(p.numel() for k, p in network.named_parameters() if k not in theirs) == entry["parameters"], paper
+        lacking = deep_supervision_heads(network.state_dict(), meta["heads"]) if meta["heads"] else []
+        assert sum(p.numel() for k, p in network.named_parameters() if k not in lacking) == entry["parameters"], paper
 
 
 def test_goldens_stay_small():

@@ -14,7 +14,7 @@ from typing import Literal, Sequence, get_args
 import torch
 from torch import nn
 
-from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, get_matching_dropout
 from dynamic_network_architectures.building_blocks.patch_encode_decode import LayerNormNd
 from dynamic_network_architectures.building_blocks.residual import BasicBlockD
 
@@ -118,12 +118,14 @@ class DLKABlock(nn.Module):
     ResBlock being two 3^d convolutions with norm and nonlinearity around a residual add.
 
     `position_embedding` (a feature-map size) adds the official code's learned positional
-    embedding before the norm, zero-initialised and resampled when another size arrives.
+    embedding before the norm, zero-initialised and resampled when another size arrives. The official
+    block's ResBlock convolutions have no bias (`conv_bias=False`) and channel dropout comes before its
+    1x1 convolution (`dropout=0.1`).
     """
 
     def __init__(self, conv_op: type[nn.Module], channels: int, deformable: Deformable, norm_op=None,
                  norm_op_kwargs=None, nonlin=None, nonlin_kwargs=None, layer_scale: float = 1e-6,
-                 position_embedding: Sequence[int] | None = None):
+                 position_embedding: Sequence[int] | None = None, conv_bias: bool = True, dropout: float = 0.0):
         super().__init__()
         self.position_embedding = None if position_embedding is None else \
             nn.Parameter(torch.empty(1, channels, *position_embedding))
@@ -132,8 +134,9 @@ class DLKABlock(nn.Module):
         self.layer_scale = layer_scale
         self.gamma = nn.Parameter(torch.empty(channels))
         self.attention = LKAAttention(conv_op, channels, deformable)
-        self.conv_block = BasicBlockD(conv_op, channels, channels, 3, 1, conv_bias=True, norm_op=norm_op,
+        self.conv_block = BasicBlockD(conv_op, channels, channels, 3, 1, conv_bias=conv_bias, norm_op=norm_op,
                                       norm_op_kwargs=norm_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
+        self.dropout = get_matching_dropout(dimension=convert_conv_op_to_dim(conv_op))(dropout) if dropout else nn.Identity()
         self.conv_out = conv_op(channels, channels, 1)
         self.reset_parameters()
 
@@ -158,4 +161,4 @@ class DLKABlock(nn.Module):
             x = x + embedding
         gamma = self.gamma.view(1, -1, *(1,) * (x.dim() - 2))
         y = x + gamma * self.attention(self.norm(x))
-        return y + self.conv_out(self.conv_block(y))
+        return y + self.conv_out(self.dropout(self.conv_block(y)))

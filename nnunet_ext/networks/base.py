@@ -39,12 +39,12 @@ def mismatching_tensors(ours: Mapping[str, torch.Tensor], theirs: Mapping[str, t
     return wrong, [k for k in theirs if k not in ours]
 
 
-def deep_supervision_heads(state: Mapping[str, torch.Tensor]) -> list[str]:
-    """The names of the heads at the lower resolutions (UNetDecoder's `seg_layers` but the last): those
-    nnU-Net's deep supervision trains, which some official networks do not have."""
+def deep_supervision_heads(state: Mapping[str, torch.Tensor], beyond: int = 1) -> list[str]:
+    """The names of the heads below the `beyond` highest resolutions (UNetDecoder's `seg_layers` but the last
+    `beyond`): by default those nnU-Net's deep supervision trains, which some official networks do not have."""
     heads = [k for k in state if k.startswith("decoder.seg_layers.")]
     last = max((int(k.split(".")[2]) for k in heads), default=-1)
-    return [k for k in heads if int(k.split(".")[2]) != last]
+    return [k for k in heads if int(k.split(".")[2]) <= last - beyond]
 
 
 def with_zero_heads(ours: Mapping[str, torch.Tensor], theirs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

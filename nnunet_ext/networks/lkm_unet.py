@@ -121,7 +121,8 @@ OFFICIAL_NAMES = [
 ]
 
 
-def from_official(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def from_official(state: Mapping[str, torch.Tensor],
+                  ours: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """A state dict of the official LKMUNet (its fork's `checkpoint_final.pth`, "network_weights")
-    as the `official` preset's."""
+    as the `official` preset's. Every tensor keeps its shape: `ours` is not needed."""
     return rename_state_dict(state, OFFICIAL_NAMES)

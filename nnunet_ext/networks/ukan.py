@@ -196,8 +196,9 @@ OFFICIAL_NAMES = [
 ]
 
 
-def from_official(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def from_official(state: Mapping[str, torch.Tensor],
+                  ours: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """A state dict of the official UKAN (`torch.save(model.state_dict())` in its train.py) as the `official`
     preset's on six stages. The official network has no deep-supervision heads; the importer adds them
-    at zero (`networks.base.with_zero_heads`)."""
+    at zero (`networks.base.with_zero_heads`). Every tensor keeps its shape: `ours` is not needed."""
     return rename_state_dict(state, OFFICIAL_NAMES)

@@ -86,26 +86,29 @@ DLKA_PAPER = {"parameters": 42.35e6, "macs": 66.96e9}
 
 def dlka_paper_comparison() -> list[dict]:
     """D-LKA Net at the paper's Synapse configuration (one 64x128x128 input), as the paper's text
-    describes it and ours in the official code's layout (not the official network: docs/dlka_net.md),
-    with MACs counted with and without the deformable convolutions' own products (fvcore, which the
-    paper used, cannot see the official CUDA operator)."""
+    describes it and as the `official` preset builds the official network, with MACs counted with and without
+    the deformable convolutions' own products (fvcore, which the paper used, cannot see the official CUDA
+    operator). The preset's parameters leave out the deep-supervision head that the official network lacks."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from nnunet_ext.blocks.deformable_lka import DeformableConv
+    from nnunet_ext.networks.base import deep_supervision_heads
     from nnunet_ext.networks.dlka_net import SYNAPSE_PATCH_SIZE, DLKANet
+    from nnunet_ext.registry import ARCHITECTURES
 
     rows = []
     for name, options in (("paper's text (3/2/3 blocks)", {}),
-                          ("ours, official layout (3/3/3 blocks, position embedding)",
-                           {"bottleneck_blocks": 3, "position_embedding": True})):
+                          ("ours, official preset", ARCHITECTURES["dlka_net"].presets["official"])):
         net = DLKANet.synapse(**options).eval()
+        lacking = deep_supervision_heads(net.state_dict(), 3) if options else []  # the official network's: 3 heads
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             net(torch.zeros(1, 1, *SYNAPSE_PATCH_SIZE))
         counts = counter.get_flop_counts()
         deformable = sum(sum(counts[f"DLKANet.{n}"].values()) - sum(counts[f"DLKANet.{n}.conv_offset"].values())
                          for n, m in net.named_modules() if isinstance(m, DeformableConv))
         total = counter.get_total_flops()
-        rows.append({"network": name, "parameters": sum(p.numel() for p in net.parameters()),
+        parameters = sum(p.numel() for k, p in net.named_parameters() if k not in lacking)
+        rows.append({"network": name, "parameters": parameters,
                      "macs": total // 2, "macs_without_deformable": (total - deformable) // 2})
     return rows
 

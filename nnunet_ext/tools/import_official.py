@@ -98,10 +98,11 @@ def import_official(architecture: str, checkpoint: Path, dataset: str, configura
         raise ImportRefused(f"{arch.name} has no official preset to import into yet; these have: {', '.join(have)}.")
     if fold != "all" and not fold.isdigit():
         raise ImportRefused(f"fold must be a number or 'all', got '{fold}'.")
-    state = arch.official_state_dict(read_state_dict(checkpoint))
+    state = read_state_dict(checkpoint)
     manager, channels, heads = load_configuration(dataset, configuration, plans)
     network = arch.build(Topology.from_plans(manager), channels, heads, **arch.presets["official"])
     ours = network.state_dict()
+    state = arch.official_state_dict(state, ours)
     state = with_zero_heads(ours, state)  # nnU-Net's deep-supervision heads, where the official network has none
     mismatch = first_mismatch(ours, state)
     if mismatch:
@@ -109,8 +110,10 @@ def import_official(architecture: str, checkpoint: Path, dataset: str, configura
         raise ImportRefused(
             f"{checkpoint} does not fit {arch.preset_trainer('official')}'s network on {plans} {configuration}: "
             f"{mismatch}. That network has {kw['n_stages']} stages of {list(kw['features_per_stage'])} features, "
-            f"{channels} input channel(s) and {heads} output(s): the official network must have been trained on "
-            "plans of this topology (docs/official.md). Nothing was written.")
+            f"{channels} input channel(s) and {heads} output(s), on patches of "
+            f"{'x'.join(map(str, manager.patch_size))}: "
+            "the official network must have been trained on plans of this topology (docs/official.md). Nothing was "
+            "written.")
 
     trainer = arch.preset_trainer("official")
     name = maybe_convert_to_dataset_name(dataset)
