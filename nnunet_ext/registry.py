@@ -154,10 +154,10 @@ class Architecture:
         values = {}
         for name in self.options():
             hint = hints.get(name)
-            if hint is bool:
-                values[name] = (False, True)
-                continue
             members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+            if bool in members:
+                values[name] = (False, True, *((None,) if type(None) in members else ()))
+                continue
             literals = [a for m in members if typing.get_origin(m) is typing.Literal for a in typing.get_args(m)]
             if literals:
                 values[name] = (*literals, *((None,) if type(None) in members else ()))
@@ -260,10 +260,9 @@ register(Architecture(
     compile_off="the deformable convolution samples its kernel taps in memory-bounded chunks, a loop that tracing "
                 "unrolls: 25 to 49 recomputed chunks per convolution at nnU-Net-sized 2D plans, and compiling takes "
                 "longer than the training gains (docs/dlka_net.md)",
-    # The official 3D network's modules on the plans' stages: 3 blocks everywhere, each with the positional
-    # embedding and the deformable 3^d convolution (docs/dlka_net.md).
-    presets={"official": {"layout": "official", "encoder_blocks": 3, "bottleneck_blocks": 3, "decoder_blocks": 3,
-                          "deformable": "extra", "position_embedding": True}},
+    # The official 3D network's modules on 3D plans' stages, the official 2D decoder's block on 2D plans
+    # (docs/dlka_net.md).
+    presets={"official": {"layout": "official"}},
     official_weights="nnunet_ext.networks.dlka_net:from_official",
 ))
 

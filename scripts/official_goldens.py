@@ -16,7 +16,10 @@ float32, and writes
   the names that share a tensor, the mean and standard deviation of every tensor as the
   official code initialises it) and the official parameter counts at the paper's configurations
   (counted on the meta device where the official code can be built there).
-The tests need neither the official code nor mamba_ssm; this script needs both.
+Blocks whose official network cannot be built here (`BlockCase`: D-LKA Net's 2D decoder block) are stored
+the same way under "blocks", with their configuration in our preset and the path of the block in it.
+The tests need neither the official code nor mamba_ssm; this script needs both (D-LKA Net's: MONAI and
+einops, docs/official.md).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import math
 import subprocess
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -83,6 +86,20 @@ class Case:
 
 
 @dataclass
+class BlockCase:
+    """One official block alone, where the official network cannot be built (D-LKA Net's 2D network needs a
+    pretrained MaxViT): `load(checkout, channels)` gives the block as the official code builds and initialises
+    it and its forward on a feature map; our preset holds it at `path` when built from `configuration`."""
+
+    name: str
+    load: Callable[[Path, int], tuple[nn.Module, Callable]]
+    configuration: dict
+    path: str
+    channels: int
+    input: list[int]
+
+
+@dataclass
 class Official:
     repository: str
     commit: str
@@ -92,6 +109,15 @@ class Official:
     paper: dict[str, tuple[dict, int, int]]  # the paper's configurations, for the parameter counts
     count_on: str = "meta"  # "cpu" where the official code cannot be built on the meta device
     heads: int | None = None  # how many of nnU-Net's heads, highest resolution first, the official network has
+    blocks: list[BlockCase] = field(default_factory=list)
+
+
+def stand_in(name: str, **attributes) -> types.ModuleType:
+    """A module `name` holding `attributes`, put where an official network's imports look for it."""
+    module = types.ModuleType(name)
+    module.__dict__.update(attributes)
+    sys.modules[name] = module
+    return module
 
 
 def import_file(path: Path, name: str) -> types.ModuleType:
@@ -129,21 +155,15 @@ def load_lkm_unet(checkout: Path):
 def load_ukan(checkout: Path):
     """Seg_UKAN/archs.py imports timm for three helpers and torchvision and matplotlib for nothing the
     network uses: stand-ins for those, its own kan.py and utils.py for the rest."""
-    def module(name: str, **attributes) -> types.ModuleType:
-        stub = types.ModuleType(name)
-        stub.__dict__.update(attributes)
-        sys.modules[name] = stub
-        return stub
-
     def drop_path_unused(rate: float) -> nn.Module:
         raise NotImplementedError("the goldens run without stochastic depth (drop_path_rate 0, eval mode)")
 
-    layers = module("timm.models.layers", DropPath=drop_path_unused, trunc_normal_=nn.init.trunc_normal_,
+    layers = stand_in("timm.models.layers", DropPath=drop_path_unused, trunc_normal_=nn.init.trunc_normal_,
                     to_2tuple=lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v))
-    module("timm", models=module("timm.models", layers=layers))
-    module("torchvision", transforms=module("torchvision.transforms"),
-           utils=module("torchvision.utils", save_image=None))
-    module("matplotlib", pyplot=module("matplotlib.pyplot"))
+    stand_in("timm", models=stand_in("timm.models", layers=layers))
+    stand_in("torchvision", transforms=stand_in("torchvision.transforms"),
+             utils=stand_in("torchvision.utils", save_image=None))
+    stand_in("matplotlib", pyplot=stand_in("matplotlib.pyplot"))
     sys.path.insert(0, str(checkout / "Seg_UKAN"))
     official = import_file(checkout / "Seg_UKAN/archs.py", "official_ukan")
 
@@ -210,20 +230,13 @@ def d3d_deform_conv_forward(x, weight, bias, offset, kd, kh, kw, sd, sh, sw, pd,
 def load_dlka_net(checkout: Path):
     """3D/d_lka_former with MONAI 0.8.1 and einops 0.4.1 (its requirements; not ours: install them with
     `pip install --target DIR monai==0.8.1 einops==0.4.1` and put DIR on PYTHONPATH). Stand-ins: the compiled D3D
-    extension (d3d_deform_conv_forward), timm's trunc_normal_ (which its 3D network does not call), torchvision
-    (its 2D blocks only) and the nnU-Net v1 inference base class (neural_network.SegmentationNetwork)."""
-    def module(name: str, **attributes) -> types.ModuleType:
-        stub = types.ModuleType(name)
-        stub.__dict__.update(attributes)
-        sys.modules[name] = stub
-        return stub
-
-    module("D3D", deform_conv_forward=d3d_deform_conv_forward)
-    layers = module("timm.models.layers", trunc_normal_=nn.init.trunc_normal_)
-    module("timm", models=module("timm.models", layers=layers))
-    module("torchvision", ops=module("torchvision.ops"))
+    extension (d3d_deform_conv_forward), timm's trunc_normal_ (which its 3D network does not call) and the nnU-Net
+    v1 inference base class (neural_network.SegmentationNetwork)."""
+    stand_in("D3D", deform_conv_forward=d3d_deform_conv_forward)
+    layers = stand_in("timm.models.layers", trunc_normal_=nn.init.trunc_normal_)
+    stand_in("timm", models=stand_in("timm.models", layers=layers))
     sys.path.insert(0, str(checkout / "3D"))
-    module("d_lka_former.network_architecture.neural_network", SegmentationNetwork=nn.Module)
+    stand_in("d_lka_former.network_architecture.neural_network", SegmentationNetwork=nn.Module)
     network_module = importlib.import_module("d_lka_former.network_architecture.synapse.d_lka_former_synapse")
     blocks = importlib.import_module("d_lka_former.network_architecture.synapse.transformerblock")
 
@@ -254,6 +267,27 @@ def load_dlka_net(checkout: Path):
 
     return build, {"monai": _version("monai"), "einops": _version("einops"),
                    "D3D": "plain-PyTorch stand-in (scripts/official_goldens.py d3d_deform_conv_forward)"}
+
+
+def load_dlka_2d_block(checkout: Path, channels: int):
+    """The official 2D decoder's deformableLKABlock (2D/networks/MaxViT_deform_LKA.py) as its decoder layer builds
+    and initialises it (MyDecoderLayer: two such blocks, Xavier-uniform convolutions), its deformable convolutions
+    torchvision's. Stand-ins: timm's DropPath (drop path 0), fvcore (a FLOP counter) and the MaxViT backbone
+    module, which the decoder layer does not use; einops as for 3D."""
+    layers = stand_in("timm.models.layers", DropPath=None, trunc_normal_=nn.init.trunc_normal_)
+    stand_in("timm", models=stand_in("timm.models", layers=layers))
+    stand_in("networks.merit_lib.networks", MaxViT4Out_Small=None)
+    stand_in("fvcore", nn=stand_in("fvcore.nn", FlopCountAnalysis=None))
+    sys.path.insert(0, str(checkout / "2D"))
+    official = importlib.import_module("networks.MaxViT_deform_LKA")
+    # in_out_chan: (dims, out_dim, key_dim, value_dim, x1_dim); only out_dim reaches the blocks
+    layer = official.MyDecoderLayer((4, 4), [channels] * 5, 1, "mix_skip")
+
+    def forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) <-> the block's (B, N, C)
+        b, c, h, w = x.shape
+        return block(x.flatten(2).transpose(1, 2), h, w).transpose(1, 2).reshape(b, c, h, w)
+
+    return layer.layer_lka_1, forward
 
 
 OFFICIAL = {
@@ -287,7 +321,12 @@ OFFICIAL = {
             Case("3d", dlka_configuration(2, [16, 32, 32]), 1, 3, [[1, 1, 16, 32, 32]]),
         ],
         # The Synapse network: feature_size 16, patch 64 x 128 x 128, 1 channel, 14 outputs (13 organs).
-        paper={"3d": (dlka_configuration(16, [64, 128, 128]), 1, 14)}, heads=3),
+        paper={"3d": (dlka_configuration(16, [64, 128, 128]), 1, 14)}, heads=3,
+        # The 2D decoder block at 8 channels: in our preset on 2D plans of widths 4, 8, 8, 8 it is the first block of
+        # the deepest decoder stage (1/4 resolution).
+        blocks=[BlockCase("2d_decoder_block", load_dlka_2d_block,
+                          {**small(plans_configuration(2, 4, 8, [32, 32]), [4, 8, 8, 8]), "input_channels": 1,
+                           "num_classes": 2}, "decoder.stages.0.0", 8, [1, 8, 12, 16])]),
 }
 
 
@@ -314,7 +353,10 @@ def initialisation(network: nn.Module) -> dict[str, list[float]]:
     def rounded(value: float) -> float:
         return float(f"{value:.6g}")
 
-    return {name: [rounded(t.mean().item()), rounded(t.std().item() if t.numel() > 1 else 0.0), t.numel()]
+    def spread(t: torch.Tensor) -> float:  # a constant's is 0 (float32's std of 8 x 0.01 is 1e-9)
+        return 0.0 if bool((t == t.flatten()[0]).all()) else rounded(t.std().item())
+
+    return {name: [rounded(t.mean().item()), spread(t), t.numel()]
             for name, t in network.state_dict().items() if t.is_floating_point()}
 
 
@@ -384,13 +426,32 @@ def main(argv=None) -> None:
         print(f"{args.arch} {case.name}: {sum(p.numel() for p in network.parameters())} parameters, "
               f"{len(case.inputs)} inputs")
 
+    blocks = []
+    for block in spec.blocks:
+        torch.manual_seed(0)
+        module, forward = block.load(args.checkout, block.channels)
+        module.eval()
+        initial = initialisation(module)
+        randomise(module)
+        codes, layout, integers, aliases = state_arrays(module)
+        arrays[f"{block.name}/state"] = codes
+        arrays |= {f"{block.name}/state/{k}": v for k, v in integers.items()}
+        x = torch.randn(block.input, generator=torch.Generator().manual_seed(2)).half().float()
+        with torch.no_grad():
+            arrays[f"{block.name}/output/0/0"] = forward(module, x).numpy()
+        arrays[f"{block.name}/input/0"] = x.numpy()
+        blocks.append({"name": block.name, **block.configuration, "path": block.path, "inputs": 1, "state": layout,
+                       "state_step": STEP, "aliases": aliases,
+                       "initialisation": {k: v for k, v in initial.items() if k not in aliases}})
+        print(f"{args.arch} {block.name}: {sum(p.numel() for p in module.parameters())} parameters")
+
     counts = {name: parameter_count(spec.count_on, build, *paper) for name, paper in spec.paper.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out / f"{args.arch}.npz", **arrays)
     meta = {"repository": spec.repository, "commit": spec.commit, "made_by": "scripts/official_goldens.py",
             "versions": {"torch": torch.__version__, "numpy": np.__version__,
                          "dynamic_network_architectures": _version("dynamic_network_architectures"), **versions},
-            "heads": spec.heads, "cases": cases,
+            "heads": spec.heads, "cases": cases, "blocks": blocks,
             "paper_parameters": {name: {**paper[0], "input_channels": paper[1], "num_classes": paper[2],
                                         "parameters": counts[name]} for name, paper in spec.paper.items()}}
     (args.out / f"{args.arch}.json").write_text(json.dumps(meta, separators=(",", ":")) + "\n")  # compact: 2 MB in all

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import assert_compiles_like_eager, make_topology
-from nnunet_ext.blocks.deformable_lka import LKA, DeformableConv, DLKABlock
+from nnunet_ext.blocks.deformable_lka import LKA, DeformableConv, DLKABlock, DLKAMLPBlock
 from nnunet_ext.errors import ConfigurationError
 from nnunet_ext.networks.dlka_net import DLKANet, InputBranchEncoder, from_official
 from nnunet_ext.registry import ARCHITECTURES
@@ -123,8 +123,22 @@ def test_official_layout_on_nnunet_plans():
     net.train()  # the blocks' channel dropout acts while training
     block = next(m for m in net.modules() if isinstance(m, DLKABlock))
     assert isinstance(block.dropout, nn.Dropout3d) and block.dropout.p == 0.1
-    assert DLKANet(make_topology(2, [(1, 1), (2, 2), (2, 2)], [4, 8, 16], (16, 16)), 1, 2, **OFFICIAL)(
-        torch.randn(2, 1, 16, 16))[0].shape == (2, 2, 16, 16)  # the direct 2D analogue
+
+
+
+def test_official_layout_on_2d_plans_puts_the_official_2d_block_in_the_decoder():
+    """The official 2D network's encoder is a pretrained MaxViT: on 2D plans the preset keeps the default
+    network and puts the official 2D decoder's block (LayerNorm, D-LKA attention, LayerNorm, MLP; layer scales
+    1e-2; offset convolutions not zero) where the default has its D-LKA blocks."""
+    net = DLKANet(TOPO_2D, 1, 2, **OFFICIAL)
+    default = DLKANet(TOPO_2D, 1, 2)
+    assert [len(stage) if isinstance(stage, nn.Sequential) else 0 for stage in net.decoder.stages] == \
+        [len(stage) if isinstance(stage, nn.Sequential) else 0 for stage in default.decoder.stages] == [2, 0, 0]
+    blocks = [m for m in net.modules() if isinstance(m, DLKAMLPBlock)]
+    assert len(blocks) == 2 and not any(isinstance(m, DLKABlock) for m in net.modules())
+    assert all(torch.equal(b.layer_scale_1, torch.full((b.layer_scale_1.numel(),), 1e-2)) for b in blocks)
+    assert blocks[0].attn.spatial_gating_unit.conv0.conv_offset.weight.abs().sum() > 0
+    assert net(torch.randn(2, 1, 40, 56))[0].shape == (2, 2, 40, 56)
 
 
 def test_official_position_embeddings_are_read_in_token_order():

@@ -86,9 +86,10 @@ def test_official_preset_initialises_every_tensor_as_the_official_code(name):
     a sample's spread says too little to compare: there the tensor must merely not be constant."""
     meta, _ = goldens(name)
     compared = drawn = 0
-    for case in meta["cases"]:
+    for case in [*meta["cases"], *meta.get("blocks", [])]:  # blocks: as the preset's network initialises them
         torch.manual_seed(0)
-        ours = preset_network(name, case).state_dict()
+        ours = preset_network(name, case)
+        ours = (ours.get_submodule(case["path"]) if "path" in case else ours).state_dict()
         official = ARCHITECTURES[name].official_state_dict(case["initialisation"])
         assert set(official) <= set(ours)
         for tensor_name, (mean, std, size) in official.items():
@@ -117,6 +118,23 @@ def test_official_preset_has_the_official_parameter_count_at_the_papers_configur
         network = preset_network(name, entry, device="meta")
         lacking = deep_supervision_heads(network.state_dict(), meta["heads"]) if meta["heads"] else []
         assert sum(p.numel() for k, p in network.named_parameters() if k not in lacking) == entry["parameters"], paper
+
+
+BLOCKS = [name for name in OFFICIAL if goldens(name)[0].get("blocks")]
+
+
+@pytest.mark.parametrize("name", BLOCKS)
+def test_official_blocks_compute_the_official_outputs(name):
+    """Blocks whose official network cannot be built here (D-LKA Net's 2D decoder block: its network needs a
+    pretrained MaxViT), taken from the preset's network where it holds them."""
+    meta, arrays = goldens(name)
+    for block in meta["blocks"]:
+        module = preset_network(name, block).eval().get_submodule(block["path"])
+        module.load_state_dict(ARCHITECTURES[name].official_state_dict(official_state(arrays, block)), strict=True)
+        with torch.no_grad():
+            out = module(torch.from_numpy(arrays[f"{block['name']}/input/0"]))
+        error = relative_error(out, torch.from_numpy(arrays[f"{block['name']}/output/0/0"]))
+        assert error <= 1e-5, f"{name} {block['name']}: {error:.2e} relative"
 
 
 def test_goldens_stay_small():

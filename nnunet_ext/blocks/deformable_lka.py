@@ -74,16 +74,19 @@ class DeformableConv(nn.Module):
 
 class LKA(nn.Module):
     """attention = 1x1( dilated depthwise 7 (dilation 3)( depthwise 5(x) ) ); returns x * attention
-    (no softmax). `deformable` picks where the deformation goes (see `DEFORMABLE`)."""
+    (no softmax). `deformable` picks where the deformation goes (see `DEFORMABLE`); the official 2D code's
+    deformable depthwise convolutions have no bias (`deformable_bias=False`)."""
 
-    def __init__(self, conv_op: type[nn.Module], channels: int, deformable: Deformable = "none"):
+    def __init__(self, conv_op: type[nn.Module], channels: int, deformable: Deformable = "none",
+                 deformable_bias: bool = True):
         super().__init__()
         if deformable not in DEFORMABLE:
             raise ConfigurationError(f"must be one of {DEFORMABLE}, got {deformable!r}.", "deformable")
 
         def depthwise(kernel_size, padding, dilation=1):
             if deformable == "depthwise":
-                return DeformableConv(conv_op, channels, channels, kernel_size, padding, dilation, groups=channels)
+                return DeformableConv(conv_op, channels, channels, kernel_size, padding, dilation, groups=channels,
+                                      bias=deformable_bias)
             return conv_op(channels, channels, kernel_size, padding=padding, dilation=dilation, groups=channels)
 
         self.conv0 = depthwise(5, padding=2)
@@ -101,11 +104,12 @@ class LKA(nn.Module):
 class LKAAttention(nn.Module):
     """x + proj_2(LKA(GELU(proj_1(x)))): VAN's attention module around (D-)LKA."""
 
-    def __init__(self, conv_op: type[nn.Module], channels: int, deformable: Deformable = "none"):
+    def __init__(self, conv_op: type[nn.Module], channels: int, deformable: Deformable = "none",
+                 deformable_bias: bool = True):
         super().__init__()
         self.proj_1 = conv_op(channels, channels, 1)
         self.activation = nn.GELU()
-        self.spatial_gating_unit = LKA(conv_op, channels, deformable)
+        self.spatial_gating_unit = LKA(conv_op, channels, deformable, deformable_bias)
         self.proj_2 = conv_op(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +140,8 @@ class DLKABlock(nn.Module):
         self.attention = LKAAttention(conv_op, channels, deformable)
         self.conv_block = BasicBlockD(conv_op, channels, channels, 3, 1, conv_bias=conv_bias, norm_op=norm_op,
                                       norm_op_kwargs=norm_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
-        self.dropout = get_matching_dropout(dimension=convert_conv_op_to_dim(conv_op))(dropout) if dropout else nn.Identity()
+        dim = convert_conv_op_to_dim(conv_op)
+        self.dropout = get_matching_dropout(dimension=dim)(dropout) if dropout else nn.Identity()
         self.conv_out = conv_op(channels, channels, 1)
         self.reset_parameters()
 
@@ -162,3 +167,47 @@ class DLKABlock(nn.Module):
         gamma = self.gamma.view(1, -1, *(1,) * (x.dim() - 2))
         y = x + gamma * self.attention(self.norm(x))
         return y + self.conv_out(self.dropout(self.conv_block(y)))
+
+
+class DLKAMLPBlock(nn.Module):
+    """The official 2D decoder's D-LKA block (`deformableLKABlock`, 2D/networks/MaxViT_deform_LKA.py):
+    y = x + gamma_1 * LKAAttention(LayerNorm(x)), then out = y + gamma_2 * MLP(LayerNorm(y)), the MLP being a
+    1x1 convolution to `mlp_ratio` times the channels, a depthwise 3^d convolution, GELU and a 1x1 convolution
+    back; layer scales start at `layer_scale` (official: 1e-2), the deformable convolutions have no bias.
+
+    Initialisation: the official decoder layer's (`MyDecoderLayer.init_weights`): Xavier-uniform weights
+    and zero biases in every ordinary convolution, offset convolutions included (so offsets are not zero at
+    start); PyTorch's (torchvision's) in the deformable convolutions.
+    """
+
+    def __init__(self, conv_op: type[nn.Module], channels: int, deformable: Deformable = "depthwise",
+                 mlp_ratio: int = 4, layer_scale: float = 1e-2):
+        super().__init__()
+        hidden = mlp_ratio * channels
+        self.layer_scale = layer_scale
+        self.norm1 = LayerNormNd(channels, eps=1e-5)
+        self.attn = LKAAttention(conv_op, channels, deformable, deformable_bias=False)
+        self.norm2 = LayerNormNd(channels, eps=1e-5)
+        self.mlp = nn.Sequential(conv_op(channels, hidden, 1), conv_op(hidden, hidden, 3, padding=1, groups=hidden),
+                                 nn.GELU(), conv_op(hidden, channels, 1))
+        self.layer_scale_1 = nn.Parameter(torch.empty(channels))
+        self.layer_scale_2 = nn.Parameter(torch.empty(channels))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, DeformableConv):
+                nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, LayerNormNd):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.constant_(self.layer_scale_1, self.layer_scale)
+        nn.init.constant_(self.layer_scale_2, self.layer_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        x = x + self.layer_scale_1.view(shape) * self.attn(self.norm1(x))
+        return x + self.layer_scale_2.view(shape) * self.mlp(self.norm2(x))
