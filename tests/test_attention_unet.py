@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import TOPOLOGIES, assert_compiles_like_eager, make_topology
-from nnunet_ext.blocks.attention import AttentionGate, NonLocalSelfAttention
+from nnunet_ext.blocks.attention import AttentionGate, NonLocalSelfAttention, softmax_attention
 from nnunet_ext.registry import get_architecture
 
 
@@ -27,6 +27,13 @@ def test_self_attention_matches_plain_softmax_attention():
     attention = torch.softmax(torch.einsum("bcn,bcm->bnm", q, k), dim=-1)  # rows: queries
     expected = x + 0.7 * torch.einsum("bnm,bcm->bcn", attention, v).reshape(x.shape)
     torch.testing.assert_close(block(x), expected)
+
+
+def test_written_out_attention_is_scaled_dot_product_attention_unscaled():
+    """The CPU path equals the fused call CUDA takes (scaled_dot_product_attention, scale 1), v wider than q."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 1, 50, 4), torch.randn(3, 1, 50, 4), torch.randn(3, 1, 50, 32)
+    torch.testing.assert_close(softmax_attention(q, k, v), F.scaled_dot_product_attention(q, k, v, scale=1.0))
 
 
 def test_self_attention_starts_as_identity():
