@@ -133,14 +133,14 @@ class DLKABlock(nn.Module):
         super().__init__()
         self.position_embedding = None if position_embedding is None else \
             nn.Parameter(torch.empty(1, channels, *position_embedding))
-        self.resample_mode = layers.linear_mode(convert_conv_op_to_dim(conv_op))
+        dim = convert_conv_op_to_dim(conv_op)
+        self.resample_mode = layers.linear_mode(dim)
         self.norm = LayerNormNd(channels, eps=1e-5)
         self.layer_scale = layer_scale
         self.gamma = nn.Parameter(torch.empty(channels))
         self.attention = LKAAttention(conv_op, channels, deformable)
         self.conv_block = BasicBlockD(conv_op, channels, channels, 3, 1, conv_bias=conv_bias, norm_op=norm_op,
                                       norm_op_kwargs=norm_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
-        dim = convert_conv_op_to_dim(conv_op)
         self.dropout = get_matching_dropout(dimension=dim)(dropout) if dropout else nn.Identity()
         self.conv_out = conv_op(channels, channels, 1)
         self.reset_parameters()
@@ -196,8 +196,8 @@ class DLKAMLPBlock(nn.Module):
 
     def reset_parameters(self) -> None:
         for module in self.modules():
-            if isinstance(module, DeformableConv):
-                nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if isinstance(module, DeformableConv):  # visited before its offset convolution, which Xavier then fills
+                module.reset_parameters()
             elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)

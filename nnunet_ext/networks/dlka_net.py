@@ -86,7 +86,8 @@ class DLKANet(SegmentationNetwork):
                  position_embedding: bool | None = None, layer_scale: float | None = None,
                  layout: Layout = "nnunet"):
         super().__init__(topology)
-        official_3d, mlp_block = (layout == "official" and topology.dim == d for d in (3, 2))
+        official_3d = layout == "official" and topology.dim == 3
+        mlp_block = layout == "official" and topology.dim == 2  # the official 2D decoder's block
         given = dict(encoder_blocks=encoder_blocks, bottleneck_blocks=bottleneck_blocks, decoder_blocks=decoder_blocks,
                      deformable=deformable, position_embedding=position_embedding, layer_scale=layer_scale)
         chosen = {k: LAYOUTS[layout, topology.dim][k] if v is None else v for k, v in given.items()}
