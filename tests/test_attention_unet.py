@@ -29,11 +29,28 @@ def test_self_attention_matches_plain_softmax_attention():
     torch.testing.assert_close(block(x), expected)
 
 
-def test_written_out_attention_is_scaled_dot_product_attention_unscaled():
-    """The CPU path equals the fused call CUDA takes (scaled_dot_product_attention, scale 1), v wider than q."""
+def test_softmax_attention_is_the_written_out_products_and_never_keeps_the_position_matrix():
+    """Values and gradients against softmax(q k^T) v in float64, v wider than q and k; what autograd keeps
+    for backward is never the positions x positions matrix (the fused kernel's point)."""
     torch.manual_seed(0)
-    q, k, v = torch.randn(3, 1, 50, 4), torch.randn(3, 1, 50, 4), torch.randn(3, 1, 50, 32)
-    torch.testing.assert_close(softmax_attention(q, k, v), F.scaled_dot_product_attention(q, k, v, scale=1.0))
+    positions = 300
+    # channels-first maps seen as tokens, as NonLocalSelfAttention passes them
+    q, k, v = (t.transpose(-1, -2) for t in (3 * torch.randn(3, 1, 4, positions), 3 * torch.randn(3, 1, 4, positions),
+                                             torch.randn(3, 1, 32, positions)))
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    reference = [t.double().requires_grad_() for t in (q, k, v)]
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+        out = softmax_attention(*inputs)
+    expected = torch.softmax(reference[0] @ reference[1].transpose(-1, -2), dim=-1) @ reference[2]
+    # float32 against float64, to 1e-5 of the largest value (both ways of computing it in float32 are off by ~1e-6)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+    assert kept and max(kept) < positions * positions
+    weights = torch.randn_like(expected)
+    (out * weights.float()).sum().backward()
+    (expected * weights).sum().backward()
+    for ours, theirs in zip(inputs, reference):
+        torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=0, atol=1e-5 * theirs.grad.abs().max().item())
 
 
 def test_self_attention_starts_as_identity():

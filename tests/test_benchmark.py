@@ -117,6 +117,22 @@ def test_flop_count_is_two_per_multiply_accumulate_of_every_convolution():
     assert bm.forward_flops(net, x) == from_shapes
 
 
+def test_flop_count_includes_both_products_of_every_attention():
+    """Fused attention kernels have no formula in torch's counter (on CPU it would count nothing): the count
+    is the two products of softmax(Q K^T) V at their own widths, for ours (v wider than q and k, which the
+    CPU path pads for its kernel) and for the transformer's multi-head attention."""
+    from nnunet_ext.blocks.attention import NonLocalSelfAttention
+    from nnunet_ext.blocks.transformer import MultiHeadSelfAttention
+
+    block, x = NonLocalSelfAttention(torch.nn.Conv2d, channels=16, reduction=8), torch.randn(1, 16, 6, 7)
+    n, projections = 42, 2 * 42 * 16 * (2 + 2 + 16)  # 1x1 query, key (2 channels) and value convolutions
+    assert bm.forward_flops(block, x) == projections + 2 * n * n * 2 + 2 * n * n * 16
+    heads, width, n = 4, 32, 20
+    linear = 2 * n * width * 3 * width + 2 * n * width * width
+    assert bm.forward_flops(MultiHeadSelfAttention(width, heads), torch.randn(1, n, width)) \
+        == linear + 2 * 2 * heads * n * n * (width // heads)
+
+
 def test_deform_conv_benchmark_measures_every_implementation():
     shapes = (benchmark_dlka.DeformShape("tiny 2D", 1, 4, (8, 8), 3, depthwise=True),
               benchmark_dlka.DeformShape("tiny 3D", 1, 2, (4, 4, 4), 3))

@@ -55,10 +55,12 @@ REFERENCES = {"nnU-Net": reference_network, "Primus-B": primus_network}
 def forward_flops(net: torch.nn.Module, x: torch.Tensor) -> int:
     """Floating-point operations of one forward pass as torch's FlopCounterMode counts them: two per
     multiply-accumulate of convolutions and matrix products; interpolation and elementwise work are
-    not counted."""
+    not counted. Attention is counted as its two products (scaled_dot_product_attention's math
+    backend): the counter has no formula for the fused CPU kernel, which it would miss entirely."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         net(x)
     return counter.get_total_flops()
 
