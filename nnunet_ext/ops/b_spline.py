@@ -22,7 +22,6 @@ less than half the time (docs/ukan.md).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def uniform_grid(features: int, grid_size: int, spline_order: int, grid_range=(-1.0, 1.0)) -> torch.Tensor:
@@ -102,18 +101,31 @@ def _uniform_basis_matrix(order: int) -> torch.Tensor:
 
 def _interval_positions(x: torch.Tensor, grid: torch.Tensor, order: int):
     """For x (..., features) on equally spaced knots: the powers [1, u, ..., u^k] of its position u in its
-    interval m (..., features, k + 1), the positions m .. m + k of that interval's bases in the output padded
-    by k on each side, and whether x lies inside the knots at all (1 or 0)."""
+    interval m (..., features, k + 1), the indices m - k .. m of that interval's bases, clamped to the bases
+    that exist, and whether each is a real basis of x's interval (1, or 0 for a clamped index and for x
+    outside the knots)."""
     intervals = grid.shape[1] - 1
     position = (x - grid[:, 0]) / _step(grid)
     inside = (position >= 0) & (position < intervals)
-    cell = torch.where(inside, position.floor(), 0)  # outside (NaN included): any valid index, the values are 0
+    cell = torch.where(inside, position.floor(), intervals)  # outside (NaN included): the row of no bases
     u = position - cell
     powers = [torch.ones_like(u), u]
     while len(powers) <= order:  # products: faster than pow
         powers.append(powers[-1] * u)
-    taps = cell.long().unsqueeze(-1) + torch.arange(order + 1, device=x.device)  # padded positions of the bases
-    return torch.stack(powers[:order + 1], -1), taps, inside.unsqueeze(-1).to(x.dtype)
+    indices, valid = _interval_bases(intervals, order, x.device)
+    rows = cell.long().flatten()  # index_select: advanced indexing is several times slower here
+    return (torch.stack(powers[:order + 1], -1), indices.index_select(0, rows).view(*x.shape, order + 1),
+            valid.to(x.dtype).index_select(0, rows).view(*x.shape, order + 1))
+
+
+def _interval_bases(intervals: int, order: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per interval m, and one row more for no interval: the indices m - k .. m of its bases clamped to the
+    n_knots - k - 1 that exist, and which of them exist ((intervals + 1, k + 1) each)."""
+    bases = torch.arange(intervals + 1, device=device).unsqueeze(1) + torch.arange(-order, 1, device=device)
+    n_bases = intervals - order
+    valid = (bases >= 0) & (bases < n_bases)
+    valid[-1] = False
+    return bases.clamp(0, n_bases - 1), valid
 
 
 def _step(grid: torch.Tensor) -> torch.Tensor:
@@ -122,18 +134,17 @@ def _step(grid: torch.Tensor) -> torch.Tensor:
 
 
 class _UniformBSplineBases(torch.autograd.Function):
-    """`cox_de_boor` on equally spaced knots, by the interval's polynomials; differentiated the same way."""
+    """`cox_de_boor` on equally spaced knots, by the interval's polynomials; differentiated the same way.
+    The k + 1 values are added into zeroed bases at their clamped indices, a clamped index adding 0: no padded
+    copy of the bases is zeroed, filled and sliced (U-KAN's 2d training step at the demo's plans: 13% less)."""
 
     @staticmethod
     def forward(ctx, x, grid, order):
         ctx.save_for_backward(x, grid)
         ctx.order = order
-        powers, taps, inside = _interval_positions(x, grid, order)
-        values = (powers @ _uniform_basis_matrix(order).to(x)) * inside  # times 0, not masked: NaN stays NaN
-        n_bases = grid.shape[1] - order - 1
-        # Basis i is at padded position i + order; the k + 1 bases of interval m are m - k .. m.
-        padded = x.new_zeros(*x.shape, n_bases + 2 * order).scatter_(-1, taps, values)
-        return padded[..., order:order + n_bases]
+        powers, indices, valid = _interval_positions(x, grid, order)
+        values = (powers @ _uniform_basis_matrix(order).to(x)) * valid  # times 0, not masked: NaN stays NaN
+        return x.new_zeros(*x.shape, grid.shape[1] - order - 1).scatter_add_(-1, indices, values)
 
     @staticmethod
     def backward(ctx, grad):
@@ -141,12 +152,11 @@ class _UniformBSplineBases(torch.autograd.Function):
         k = ctx.order
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        powers, taps, inside = _interval_positions(x, grid, k)
+        powers, indices, valid = _interval_positions(x, grid, k)
         # d/du of [1, u, ..., u^k] is [0, 1, 2u, ..., k u^(k-1)]: only the rows of M from the second on.
         slopes = (powers[..., :-1] * torch.arange(1, k + 1, dtype=x.dtype, device=x.device)) \
             @ _uniform_basis_matrix(k)[1:].to(x)
-        local = F.pad(grad, (k, k)).gather(-1, taps)
-        return (local * slopes).sum(-1) * inside.squeeze(-1) / _step(grid), None, None
+        return (grad.gather(-1, indices) * slopes * valid).sum(-1) / _step(grid), None, None
 
 
 def b_spline_bases(x: torch.Tensor, grid: torch.Tensor, spline_order: int, uniform: bool = False) -> torch.Tensor:
