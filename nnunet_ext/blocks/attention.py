@@ -52,7 +52,7 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     2d self-attention: forward 10x, forward and backward 2x faster than the written-out products). Where the
     flash kernel is switched off (sdpa_kernel), nothing is padded: the FLOP count sees the products as defined."""
     if not q.is_cuda and torch.backends.cuda.flash_sdp_enabled():  # the switch covers the CPU kernel too
-        # the flash kernel also needs channels last in memory, or it falls back as well
+        # the flash kernel also needs each row of channels contiguous, or it falls back as well
         width = max(v.shape[-1] - q.shape[-1], 0)
         q, k, v = F.pad(q, (0, width)).contiguous(), F.pad(k, (0, width)).contiguous(), v.contiguous()
     return F.scaled_dot_product_attention(q, k, v, scale=1.0)
