@@ -279,6 +279,7 @@ register(Architecture(
     # The official network's modules on the plans' stages, no token shift (docs/ukan.md).
     presets={"official": {"layout": "official", "token_shift": False}},
     official_weights="nnunet_ext.networks.ukan:from_official",
+    fast_paths=(FastPath("compiled CPU B-spline bases", "nnunet_ext.ops.cpu_kernel:cpu_kernel_off_reason", "cpu"),),
 ))
 
 register(Architecture(

@@ -15,6 +15,7 @@ from torch import nn
 
 from nnunet_ext.blocks import kan
 from nnunet_ext.blocks.kan import KANConv, KANLinear, TokenizedKANLayer, shift_tokens
+from nnunet_ext.ops import cpu_kernel
 from nnunet_ext.ops.b_spline import b_spline_bases, uniform_grid
 from nnunet_ext.ops.reference import b_spline_basis, kan_linear_per_feature
 
@@ -92,6 +93,49 @@ def test_closed_form_on_equally_spaced_knots_equals_the_recursion(order):
     if order:
         inner = (torch.rand(20, 3, dtype=torch.float64, generator=g) * 3 - 1).requires_grad_()
         assert torch.autograd.gradcheck(lambda v: b_spline_bases(v, grid, order, uniform=True), (inner,))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_compiled_closed_form_equals_the_recursion(order, threads, monkeypatch):
+    """Float32 CPU tensors take the compiled loop (csrc/b_spline.c; order 3 has its own unrolled copy), its
+    rows cut across threads: bases and gradient against the recursion in float64 and against the PyTorch
+    formulation, inside the knots, on them and beyond them; a NaN or infinite point gets NaN bases and a
+    NaN gradient, and no other point is touched by it."""
+    original, calls = cpu_kernel.b_spline_forward, []
+    monkeypatch.setattr(cpu_kernel, "b_spline_forward", lambda *a: calls.append(1) or original(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(order)
+        grid = (torch.arange(-order, 6 + order, dtype=torch.float32) * 0.25 - 0.5).expand(3, -1).clone()
+        grid[1] = grid[1] * 3 + 1  # another spacing per feature
+        x = torch.rand(5, 67, 3, generator=g) * 12 - 5
+        x[0, :4] = grid[:, :4].T  # exactly on knots
+        x[1, 0, 1], x[1, 1, 2] = float("nan"), float("inf")
+        x.requires_grad_()
+        weights = torch.randn(*x.shape, grid.shape[1] - order - 1, generator=g)
+        results = {}
+        for compiled in (True, False):
+            monkeypatch.setattr(cpu_kernel, "_enabled", compiled)
+            bases = b_spline_bases(x, grid, order, uniform=True)
+            results[compiled] = bases, *torch.autograd.grad((bases.nan_to_num() * weights).sum(), x)
+        assert len(calls) == 1
+        x64 = x.detach().double().requires_grad_()
+        recursion = b_spline_bases(x64, grid.double(), order)
+        expected, = torch.autograd.grad((recursion.nan_to_num() * weights).sum(), x64)
+    finally:
+        torch.set_num_threads(before)
+    bases, gradient = results[True]
+    bad = ~x.isfinite()
+    assert bases[bad].isnan().all() and gradient[bad].isnan().all()
+    good = ~bad
+    outside = good & ((x < grid[:, :1].T) | (x >= grid[:, -1:].T))
+    assert outside.any() and bases[outside].eq(0).all() and gradient[outside].eq(0).all()
+    torch.testing.assert_close(bases[good].double(), recursion[good], rtol=0, atol=2e-6)
+    torch.testing.assert_close(gradient[good].double(), expected[good], rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(bases[good], results[False][0][good], rtol=0, atol=1e-6)
+    torch.testing.assert_close(gradient[good], results[False][1][good], rtol=1e-5, atol=1e-5)
 
 
 def test_closed_form_keeps_nan_and_float32_under_autocast():

@@ -98,10 +98,8 @@ class LKA(nn.Module):
         self.channels_last = convert_conv_op_to_dim(conv_op) == 3 and deformable != "depthwise"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last and x.device.type == "cpu":
-            attention = self.conv_spatial(self.conv0(x.contiguous(memory_format=torch.channels_last_3d))).contiguous()
-        else:
-            attention = self.conv_spatial(self.conv0(x))
+        h = x.contiguous(memory_format=torch.channels_last_3d) if self.channels_last and x.device.type == "cpu" else x
+        attention = self.conv_spatial(self.conv0(h)).contiguous()
         if self.deform_conv is not None:
             attention = self.deform_conv(attention)
         return x * self.conv1(attention)

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from nnunet_ext.ops import cpu_kernel
+
 
 def uniform_grid(features: int, grid_size: int, spline_order: int, grid_range=(-1.0, 1.0)) -> torch.Tensor:
     """Knots of `grid_size` equal intervals over `grid_range`, extended by `spline_order` intervals
@@ -133,15 +135,33 @@ def _step(grid: torch.Tensor) -> torch.Tensor:
     return (grid[:, -1] - grid[:, 0]) / (grid.shape[1] - 1)
 
 
+def _compiled(x: torch.Tensor) -> bool:
+    """Whether the compiled CPU loop computes the closed form for x: float32 on the CPU, where a C compiler
+    built it, and not while torch.compile traces (it cannot trace a ctypes call; inductor fuses the
+    PyTorch formulation instead)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
+            and cpu_kernel.cpu_kernel_available())
+
+
+def _kernel_arguments(x: torch.Tensor, grid: torch.Tensor, order: int):
+    """x as (rows, features), the knots' start and spacing, the basis matrix and the number of intervals."""
+    return (x.reshape(-1, x.shape[-1]).contiguous(), grid[:, 0].contiguous(), _step(grid).contiguous(),
+            _uniform_basis_matrix(order).float().contiguous(), grid.shape[1] - 1)
+
+
 class _UniformBSplineBases(torch.autograd.Function):
     """`cox_de_boor` on equally spaced knots, by the interval's polynomials; differentiated the same way.
-    The k + 1 values are added into zeroed bases at their clamped indices, a clamped index adding 0: no padded
-    copy of the bases is zeroed, filled and sliced (U-KAN's 2d training step at the demo's plans: 13% less)."""
+
+    On the CPU a compiled loop (csrc/b_spline.c) writes each point's bases once and reads their gradient the
+    same way. PyTorch's formulation adds the k + 1 values into zeroed bases at their clamped indices, a
+    clamped index adding 0; its int64 indices are the largest arrays it forms."""
 
     @staticmethod
     def forward(ctx, x, grid, order):
         ctx.save_for_backward(x, grid)
         ctx.order = order
+        if _compiled(x):
+            return cpu_kernel.b_spline_forward(*_kernel_arguments(x, grid, order)).view(*x.shape, -1)
         powers, indices, valid = _interval_positions(x, grid, order)
         values = (powers @ _uniform_basis_matrix(order).to(x)) * valid  # times 0, not masked: NaN stays NaN
         return x.new_zeros(*x.shape, grid.shape[1] - order - 1).scatter_add_(-1, indices, values)
@@ -152,6 +172,9 @@ class _UniformBSplineBases(torch.autograd.Function):
         k = ctx.order
         if not ctx.needs_input_grad[0]:
             return None, None, None
+        if _compiled(x):
+            rows = grad.reshape(-1, *grad.shape[-2:])
+            return cpu_kernel.b_spline_backward(*_kernel_arguments(x, grid, k), rows).view(x.shape), None, None
         powers, indices, valid = _interval_positions(x, grid, k)
         # d/du of [1, u, ..., u^k] is [0, 1, 2u, ..., k u^(k-1)]: only the rows of M from the second on.
         slopes = (powers[..., :-1] * torch.arange(1, k + 1, dtype=x.dtype, device=x.device)) \

@@ -1,11 +1,12 @@
-"""The compiled CPU loops of a Mamba layer (csrc/mamba.c: the selective scan with everything around it,
-and the causal convolution with its SiLU): compiled on first use, called through ctypes.
+"""The compiled CPU loops (csrc/): a Mamba layer's selective scan with everything around it and its causal
+convolution with its SiLU (mamba.c), and the B-spline bases of a KAN layer on equally spaced knots
+(b_spline.c); compiled on first use into one library, called through ctypes.
 
 A C compiler is all it needs: no PyTorch headers, no ninja, about a second to build. The library is
-cached under NNUNET_EXT_CACHE (default ~/.cache/nnunet_ext), named by a hash of the source, the flags
+cached under NNUNET_EXT_CACHE (default ~/.cache/nnunet_ext), named by a hash of the sources, the flags
 and the CPU, so a cluster sharing one home folder never loads a build for another processor.
-Without a compiler `selective_scan_fn` and `causal_conv1d_silu` keep their PyTorch paths, and
-`cpu_kernel_off_reason` says why.
+Without a compiler `selective_scan_fn`, `causal_conv1d_silu` and `b_spline_bases` keep their PyTorch
+paths, and `cpu_kernel_off_reason` says why.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "mamba.c"
-# -ffast-math lets gcc call glibc's vectorised expf and reorder the d_state sums. It is given to the
-# compile step only: linked with it, gcc before 13 adds crtfastmath.o, which switches the whole
-# process to flushing denormals when the library loads. -march=native is safe because the cache key
-# names the CPU.
-COMPILE_FLAGS = ["-O3", "-ffast-math", "-march=native", "-fPIC", "-c"]
+_CSRC = Path(__file__).with_name("csrc")
+# Each source with its compile flags. -ffast-math lets gcc call glibc's vectorised expf and reorder the
+# d_state sums; b_spline.c tests for NaN, which -ffast-math would let gcc drop. Fast math is given to the
+# compile step only: linked with it, gcc before 13 adds crtfastmath.o, which switches the whole process
+# to flushing denormals when the library loads. -march=native is safe because the cache key names the CPU.
+SOURCES = {_CSRC / "mamba.c": ["-O3", "-ffast-math", "-march=native", "-fPIC", "-c"],
+           _CSRC / "b_spline.c": ["-O3", "-march=native", "-fPIC", "-c"]}
 LINK_FLAGS = ["-shared"]
 CHUNK = 64  # positions whose states backward recomputes at once: (CHUNK + 1) x d_state floats stay in L1
 _ENV = "NNUNET_EXT_CPU_KERNEL"
@@ -64,24 +66,27 @@ def _cpu_name() -> str:
 
 
 def _build(compiler: list[str], library: Path) -> str | None:
-    """Compile and link SOURCE into `library`; what went wrong when that fails."""
+    """Compile SOURCES and link them into `library`; what went wrong when that fails."""
     try:
         library.parent.mkdir(parents=True, exist_ok=True)
         # build aside, then rename: other processes see no library or a whole one
         with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
-            obj, built = Path(tmp) / "mamba.o", Path(tmp) / library.name
-            for command in ([*compiler, *COMPILE_FLAGS, str(SOURCE), "-o", str(obj)],
-                            [*compiler, *LINK_FLAGS, str(obj), "-o", str(built), "-lm"]):
+            objects = [Path(tmp) / f"{source.stem}.o" for source in SOURCES]
+            built = Path(tmp) / library.name
+            commands = [([*compiler, *flags, str(source), "-o", str(obj)], source.name)
+                        for (source, flags), obj in zip(SOURCES.items(), objects)]
+            commands.append(([*compiler, *LINK_FLAGS, *map(str, objects), "-o", str(built), "-lm"], "the library"))
+            for command, what in commands:
                 result = subprocess.run(command, capture_output=True, text=True)
                 if result.returncode != 0:
                     detail = result.stderr.strip()[-500:]
-                    return (f"{shlex.join(compiler)} failed to build {SOURCE.name} "
+                    return (f"{shlex.join(compiler)} failed to build {what} "
                             f"(exit status {result.returncode})" + (f": {detail}" if detail else "")
                             + "; install a working gcc or set CC")
             os.replace(built, library)
     except OSError as e:  # no such compiler, or a cache folder we cannot write
-        return (f"cannot build {SOURCE.name} with {shlex.join(compiler)!r} in {library.parent} ({e}); "
-                "install gcc or set CC, and point NNUNET_EXT_CACHE to a writable folder")
+        return (f"cannot build {' and '.join(source.name for source in SOURCES)} with {shlex.join(compiler)!r} in "
+                f"{library.parent} ({e}); install gcc or set CC, and point NNUNET_EXT_CACHE to a writable folder")
     return None
 
 
@@ -91,10 +96,11 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     compiler = shlex.split(os.environ.get("CC", "")) or ([found] if found else None)  # CC may be "ccache gcc"
     if compiler is None:
         return None, "no C compiler found; install gcc or set CC"
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(COMPILE_FLAGS + LINK_FLAGS).encode(),
-                                     _cpu_name().encode(), platform.machine().encode()])).hexdigest()[:16]
+    parts = [part for source, flags in SOURCES.items() for part in (source.read_bytes(), " ".join(flags).encode())]
+    key = hashlib.sha256(b"\0".join([*parts, " ".join(LINK_FLAGS).encode(), _cpu_name().encode(),
+                                     platform.machine().encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("NNUNET_EXT_CACHE", Path.home() / ".cache" / "nnunet_ext"))
-    library = cache / f"mamba_{key}.so"
+    library = cache / f"kernels_{key}.so"
     if not library.exists():
         error = _build(compiler, library)
         if error:
@@ -108,7 +114,10 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.scan_backward.argtypes = [ctypes.POINTER(_Dims), i64, i64, i64, i64] + [ptr] * 19
     lib.conv_forward.argtypes = [ctypes.POINTER(_Dims), i64, i64, i64] + [ptr] * 4
     lib.conv_backward.argtypes = [ctypes.POINTER(_Dims), i64, i64, i64] + [ptr] * 7
-    for function in (lib.scan_forward, lib.scan_backward, lib.conv_forward, lib.conv_backward):
+    lib.bspline_forward.argtypes = [i64] * 5 + [ptr] * 5
+    lib.bspline_backward.argtypes = [i64] * 5 + [ptr] * 6
+    for function in (lib.scan_forward, lib.scan_backward, lib.conv_forward, lib.conv_backward,
+                     lib.bspline_forward, lib.bspline_backward):
         function.restype = None
     return lib, None
 
@@ -131,10 +140,13 @@ def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
 
 
 def _run(function, dims: _Dims, items, args, with_part: bool = False) -> None:
-    """Call the C `function` once per work item of `_work` (its part too when `with_part`) on torch's
-    number of threads; ctypes releases the GIL while C runs."""
-    calls = [partial(function, ctypes.byref(dims), b, lo, hi, *((p,) if with_part else ()), *args)
-             for b, lo, hi, p in items]
+    """Call the C `function` once per work item of `_work` (its part too when `with_part`)."""
+    _parallel([partial(function, ctypes.byref(dims), b, lo, hi, *((p,) if with_part else ()), *args)
+               for b, lo, hi, p in items])
+
+
+def _parallel(calls) -> None:
+    """Run the C calls on torch's number of threads; ctypes releases the GIL while C runs."""
     threads = torch.get_num_threads()
     if threads == 1 or len(calls) == 1:
         for call in calls:
@@ -269,3 +281,31 @@ class CompiledScan(torch.autograd.Function):
         _run(lib.scan_backward, dims, items, args, with_part=True)
         return (du, ddelta, dA.sum(0), dB.sum(2).transpose(-1, -2), dC.sum(2).transpose(-1, -2),
                 None if D is None else dD.sum(0), dz, None if delta_bias is None else ddelta_bias.sum(0), None)
+
+
+def _row_calls(function, rows: int, *args) -> list:
+    """`function(*args[:3], first row, end row, *args[3:])` over `rows` rows cut into one piece per thread."""
+    pieces = max(1, min(rows, torch.get_num_threads()))
+    bounds = [rows * i // pieces for i in range(pieces + 1)]
+    return [partial(function, *args[:3], lo, hi, *args[3:]) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+
+
+def b_spline_forward(x: torch.Tensor, start: torch.Tensor, step: torch.Tensor, matrix: torch.Tensor,
+                     intervals: int) -> torch.Tensor:
+    """The bases (rows, features, intervals - order) of x (rows, features) on equally spaced knots from
+    `start` with spacing `step` (features each), the interval polynomials being [1, u, .., u^k] @ `matrix`
+    ((k + 1) x (k + 1)); all float32 and contiguous."""
+    order = matrix.shape[0] - 1
+    bases = x.new_empty(*x.shape, intervals - order)
+    _parallel(_row_calls(_load()[0].bspline_forward, x.shape[0], x.shape[1], intervals, order,
+                         *(_ptr(t) for t in (x, start, step, matrix, bases))))
+    return bases
+
+
+def b_spline_backward(x: torch.Tensor, start: torch.Tensor, step: torch.Tensor, matrix: torch.Tensor,
+                      intervals: int, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient in x (rows, features) from the bases' gradient `grad`, as `b_spline_forward` laid them out."""
+    grad_x = torch.empty_like(x)
+    _parallel(_row_calls(_load()[0].bspline_backward, x.shape[0], x.shape[1], intervals, matrix.shape[0] - 1,
+                         *(_ptr(t) for t in (x, start, step, matrix, grad.contiguous(), grad_x))))
+    return grad_x
