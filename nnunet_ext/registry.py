@@ -87,6 +87,8 @@ class Architecture:
     official_weights: "module:function" that renames a state dict written by the official code to the
         `official` preset's (`nnunet-ext import-official`), taking (state, ours), ours being the preset
         network's state dict or None; empty where there is none.
+    family: the network it is a variant of (U-Mamba_Bot and _Enc are "umamba"), where there are several:
+        the variants of one family take turns in the tests' slow rotations; empty for none.
     """
 
     name: str
@@ -100,6 +102,7 @@ class Architecture:
     fast_paths: tuple[FastPath, ...] = ()
     compile_off: str = ""
     official_weights: str = ""
+    family: str = ""
 
     def __post_init__(self):
         problems = []
@@ -231,6 +234,9 @@ register(Architecture(
     reference="Oktay et al., Attention U-Net, MIDL 2018; seed 002 (self-attention)",
 ))
 
+_MAMBA_FAST_PATHS = (FastPath("mamba-ssm CUDA selective scan", "nnunet_ext.ops.selective_scan:kernels_off_reason"),
+                     FastPath("compiled CPU Mamba loops", "nnunet_ext.ops.cpu_kernel:cpu_kernel_off_reason", "cpu"))
+
 register(Architecture(
     name="lkm_unet",
     trainer="nnUNetTrainerLKMUNet",
@@ -242,8 +248,7 @@ register(Architecture(
     presets={"official": {"window_layout": "official", "shared_out_proj": True, "single_token_layers": True,
                           "zero_init_decoder": True}},
     official_weights="nnunet_ext.networks.lkm_unet:from_official",
-    fast_paths=(FastPath("mamba-ssm CUDA selective scan", "nnunet_ext.ops.selective_scan:kernels_off_reason"),
-                FastPath("compiled CPU Mamba loops", "nnunet_ext.ops.cpu_kernel:cpu_kernel_off_reason", "cpu")),
+    fast_paths=_MAMBA_FAST_PATHS,
     compile_off="the selective scan and Mamba's convolution are C or CUDA kernels, which tracing stops at; the graph "
                 "breaks fall inside the stages' loops, so the network compiles as many small frames whose "
                 "recompiles make shapes dynamic, and inductor fails on them (docs/lkm_unet.md)",
@@ -294,3 +299,23 @@ register(Architecture(
               "2021; seed 003",
     recipe="nnunet_ext.trainers.recipes:TransformerRecipe",
 ))
+
+# U-Mamba_Bot and U-Mamba_Enc: one network whose Mamba layers go after the bottleneck or after every stage.
+for _variant, _where in (("bot", "one Mamba layer (LayerNorm, Mamba over every position) after its bottleneck"),
+                         ("enc", "a Mamba layer (LayerNorm, Mamba over every position) after every encoder stage")):
+    register(Architecture(
+        name=f"umamba_{_variant}",
+        trainer=f"nnUNetTrainerUMamba{_variant.capitalize()}",
+        network=f"nnunet_ext.networks.umamba:UMamba{_variant.capitalize()}",
+        dims=(2, 3),
+        summary=f"residual U-Net with {_where}",
+        reference="Ma, Li and Wang, U-Mamba: Enhancing Long-range Dependency for Biomedical Image Segmentation, 2024",
+        presets={"official": {"layout": "official"}},
+        official_weights="nnunet_ext.networks.umamba:from_official",
+        fast_paths=_MAMBA_FAST_PATHS,
+        compile_off="the selective scan and Mamba's convolution are C or CUDA kernels, which tracing stops at: the "
+                    "network would compile as separate graphs around every Mamba layer, a path not proven against "
+                    "eager here (docs/umamba.md)",
+        family="umamba",
+    ))
+del _variant, _where

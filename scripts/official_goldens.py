@@ -127,29 +127,60 @@ def import_file(path: Path, name: str) -> types.ModuleType:
     return module
 
 
-def load_lkm_unet(checkout: Path):
+def with_mamba_ssm_source() -> dict:
+    """mamba_ssm's Mamba from its real Python source, where an official network imports it; the versions entry."""
     sys.path.insert(0, str(ROOT / "tests"))
     import mamba_ssm_reference
 
     sys.modules["mamba_ssm"] = types.SimpleNamespace(Mamba=mamba_ssm_reference.load().Mamba)
+    return {"mamba_ssm": f"{mamba_ssm_reference.VERSION} (Python source, selective_scan_ref)"}
+
+
+def from_old_plans(get_from_plans, configuration: dict, input_channels: int, num_classes: int) -> nn.Module:
+    """An official network from a `get_*_from_plans` function of a fork of nnU-Net 2.1.1, which reads that
+    version's plans fields: given those of this configuration."""
+    kw = configuration["architecture"]["arch_kwargs"]
+    manager = types.SimpleNamespace(
+        conv_kernel_sizes=kw["kernel_sizes"], pool_op_kernel_sizes=kw["strides"],
+        patch_size=configuration["patch_size"],
+        UNet_base_num_features=kw["features_per_stage"][0], unet_max_num_features=max(kw["features_per_stage"]),
+        n_conv_per_stage_encoder=list(kw["n_conv_per_stage"]),
+        n_conv_per_stage_decoder=list(kw["n_conv_per_stage_decoder"]))  # copies: U-Mamba's code changes them
+    features = [min(manager.UNet_base_num_features * 2 ** i, manager.unet_max_num_features)
+                for i in range(kw["n_stages"])]
+    if features != kw["features_per_stage"]:
+        raise ValueError(f"the official code derives features {features}, not {kw['features_per_stage']}")
+    labels = types.SimpleNamespace(num_segmentation_heads=num_classes)
+    plans = types.SimpleNamespace(get_label_manager=lambda _: labels)
+    return get_from_plans(plans, {}, manager, input_channels, deep_supervision=True)
+
+
+def load_lkm_unet(checkout: Path):
+    versions = with_mamba_ssm_source()
     official = import_file(checkout / "lkmunet/nnunetv2/nets/LKMUNet.py", "official_lkmunet")
 
     def build(configuration: dict, input_channels: int, num_classes: int) -> nn.Module:
-        # get_lkmunet_from_plans reads nnU-Net 2.1.1's plans fields: give it those of this configuration.
-        kw = configuration["architecture"]["arch_kwargs"]
-        manager = types.SimpleNamespace(
-            conv_kernel_sizes=kw["kernel_sizes"], pool_op_kernel_sizes=kw["strides"],
-            UNet_base_num_features=kw["features_per_stage"][0], unet_max_num_features=max(kw["features_per_stage"]),
-            n_conv_per_stage_encoder=kw["n_conv_per_stage"], n_conv_per_stage_decoder=kw["n_conv_per_stage_decoder"])
-        features = [min(manager.UNet_base_num_features * 2 ** i, manager.unet_max_num_features)
-                    for i in range(kw["n_stages"])]
-        if features != kw["features_per_stage"]:
-            raise ValueError(f"the official code derives features {features}, not {kw['features_per_stage']}")
-        labels = types.SimpleNamespace(num_segmentation_heads=num_classes)
-        plans = types.SimpleNamespace(get_label_manager=lambda _: labels)
-        return official.get_lkmunet_from_plans(plans, {}, manager, input_channels, deep_supervision=True)
+        return from_old_plans(official.get_lkmunet_from_plans, configuration, input_channels, num_classes)
 
-    return build, {"mamba_ssm": f"{mamba_ssm_reference.VERSION} (Python source, selective_scan_ref)"}
+    return build, versions
+
+
+def umamba_loader(variant: str):
+    """U-Mamba_Bot or _Enc (`variant` "bot" or "enc"): umamba/nnunetv2/nets/UMamba<Variant>_<2d|3d>.py, each
+    file's get_umamba_<variant>_<2d|3d>_from_plans."""
+    def load(checkout: Path):
+        versions = with_mamba_ssm_source()
+        files = {dim: import_file(checkout / f"umamba/nnunetv2/nets/UMamba{variant.capitalize()}_{dim}d.py",
+                                  f"official_umamba_{variant}_{dim}d") for dim in (2, 3)}
+
+        def build(configuration: dict, input_channels: int, num_classes: int) -> nn.Module:
+            dim = len(configuration["patch_size"])
+            get_from_plans = getattr(files[dim], f"get_umamba_{variant}_{dim}d_from_plans")
+            return from_old_plans(get_from_plans, configuration, input_channels, num_classes)
+
+        return build, versions
+
+    return load
 
 
 def load_ukan(checkout: Path):
@@ -304,6 +335,20 @@ OFFICIAL = {
         ],
         paper={"2d": (plans_configuration(2, 7, 512, [320, 320]), 1, 14),
                "3d": (plans_configuration(3, 6, 320, [80, 112, 96]), 1, 14)}),
+    **{f"umamba_{variant}": Official(
+        repository="bowang-lab/U-Mamba", commit="28459e33ca03769800dd35e23c6e62491d1925b5", load=umamba_loader(variant),
+        cases=[
+            # Four 2D stages: Mamba at stages 1 and 3 of U-Mamba_Enc, the last over its channels (2 x 2 = 4
+            # positions, 8 channels); one block in stages 2 and 3 and in the two upper decoder stages.
+            Case("2d", small(plans_configuration(2, 4, 8, [16, 16]), [4, 8, 8, 8]), 1, 3, [[2, 1, 16, 16]]),
+            # Four 3D stages: the last two over their channels in U-Mamba_Enc (16 and 2 positions, 8 channels).
+            Case("3d", small(plans_configuration(3, 4, 8, [16, 8, 8]), [4, 8, 8, 8]), 2, 2, [[1, 2, 16, 8, 8]]),
+        ],
+        # nnU-Net's default plans for the paper's abdomen CT (3D) and endoscopy (2D) sets are dataset-specific;
+        # these are typical ones: 6 3D stages to 320, 7 2D stages to 512.
+        paper={"2d": (plans_configuration(2, 7, 512, [512, 640]), 3, 8),
+               "3d": (plans_configuration(3, 6, 320, [64, 160, 192]), 1, 14)})
+       for variant in ("bot", "enc")},
     "ukan": Official(
         repository="CUHK-AIM-Group/U-KAN", commit="b20bf63490f01ba45cc2c18834bc0c4975c12715", load=load_ukan,
         cases=[

@@ -14,6 +14,7 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
+from nnunet_ext.registry import ARCHITECTURES
 from nnunet_ext.topology import Topology
 
 
@@ -164,6 +165,15 @@ def mamba_ssm():
 # with `matrix(architecture, variant, group="<name>")`. A default run keeps one variant per architecture
 # and group, chosen by a rotation key that advances with each commit, so successive CI runs cover every
 # case while each stays inside CI's time budget; `--full-matrix` runs everything.
+
+def matrix(architecture: str, variant: str, group: str = "end-to-end"):
+    """The rotation mark of a registered architecture's case: variants of one network (the registry's `family`)
+    share one turn, their cases being the family's variants, so that a family adds one case per run and group."""
+    family = ARCHITECTURES[architecture].family
+    if not family:
+        return pytest.mark.matrix(architecture, variant, group=group)
+    return pytest.mark.matrix(family, f"{architecture}-{variant}", group=group)
+
 
 def pytest_addoption(parser):
     parser.addoption("--full-matrix", action="store_true",

@@ -21,7 +21,7 @@ import torch
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from conftest import assert_prediction_fits_image
+from conftest import assert_prediction_fits_image, matrix
 from nnunet_ext.tools.workspace import Workspace
 from nnunet_ext.registry import ARCHITECTURES
 from nnunet_ext.tools.make_dataset import make_dataset
@@ -66,7 +66,7 @@ def input_channels_of_checkpoint(ws: Workspace, trainer: str, configuration: str
     return channels
 
 
-@pytest.mark.parametrize("arch_name", [pytest.param(a, marks=pytest.mark.matrix(a, "cascade"), id=a)
+@pytest.mark.parametrize("arch_name", [pytest.param(a, marks=matrix(a, "cascade"), id=a)
                                        for a, arch in ARCHITECTURES.items() if 3 in arch.dims])
 def test_lowres_then_cascade_train_and_predict(arch_name, cascade_workspace, monkeypatch, tmp_path):
     ws, cases = cascade_workspace

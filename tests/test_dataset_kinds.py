@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from conftest import assert_prediction_fits_image
+from conftest import assert_prediction_fits_image, matrix
 from nnunet_ext.tools.workspace import Workspace
 from nnunet_ext.registry import ARCHITECTURES
 from nnunet_ext.tools.make_dataset import make_dataset
@@ -48,7 +48,7 @@ def kind_workspace(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch_name,kind", [
-    pytest.param(a, k, marks=pytest.mark.matrix(a, f"kind-{k}"), id=f"{a}-{k}")
+    pytest.param(a, k, marks=matrix(a, f"kind-{k}"), id=f"{a}-{k}")
     for a, arch in ARCHITECTURES.items() if 3 in arch.dims for k in KINDS])
 def test_trains_validates_and_predicts(arch_name, kind, kind_workspace, tmp_path):
     ws = kind_workspace(kind)

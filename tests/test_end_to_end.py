@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import assert_prediction_fits_image
+from conftest import assert_prediction_fits_image, matrix
 from nnunet_ext.registry import ARCHITECTURES
 
 pytestmark = pytest.mark.e2e
@@ -26,7 +26,7 @@ CASES = [(arch.name, variant) for arch in ARCHITECTURES.values() for variant, (c
 LABELS = {0, 1, 2}
 
 
-@pytest.fixture(scope="module", params=[pytest.param(case, marks=pytest.mark.matrix(*case), id="-".join(case))
+@pytest.fixture(scope="module", params=[pytest.param(case, marks=matrix(*case), id="-".join(case))
                                         for case in CASES])
 def trained(request, planned):
     arch_name, variant = request.param

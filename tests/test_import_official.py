@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_prediction_fits_image
+from conftest import assert_prediction_fits_image, matrix
 from nnunet_ext.registry import ARCHITECTURES
 from nnunet_ext.tools.import_official import ImportRefused, import_official
 from test_official import OFFICIAL, goldens, official_state, preset_network, relative_error
@@ -181,7 +181,7 @@ def test_refuses_an_architecture_without_an_official_preset(tmp_path):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.matrix(n, "official-import"))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=matrix(n, "official-import"))
                                   for n in OFFICIAL])
 def test_stock_commands_predict_with_and_fine_tune_from_an_imported_checkpoint(name, golden_plans, tmp_path):
     case = golden_case(name)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nnunet_ext.trainers as trainers
+from conftest import matrix
 from nnunet_ext.blocks.attention import NonLocalSelfAttention
 from nnunet_ext.blocks.large_kernel_mamba import BiMamba
 from nnunet_ext.ops.b_spline import b_spline_bases, uniform_grid
@@ -53,7 +54,7 @@ def trainer_for(name: str, planned, configuration: str):
 
 
 @pytest.mark.parametrize("name,configuration", [
-    pytest.param(a, c, marks=pytest.mark.matrix(a, f"fp16-{c}", group="fp16"), id=f"{a}-{c}")
+    pytest.param(a, c, marks=matrix(a, f"fp16-{c}", group="fp16"), id=f"{a}-{c}")
     for a in ARCHITECTURES for c in ("2d", "3d_fullres")])  # a rotation: one configuration per architecture and run
 def test_nnunets_train_step_under_fp16_autocast_with_a_grad_scaler(name, configuration, nnunet_env,
                                                                    cuda_autocast_on_cpu):
