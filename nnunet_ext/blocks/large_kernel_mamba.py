@@ -34,7 +34,7 @@ from torch import nn
 
 from nnunet_ext.blocks.mamba import Mamba
 from nnunet_ext.errors import ConfigurationError
-from nnunet_ext.ops.precision import autocast_off
+from nnunet_ext.ops.precision import at_least_float32, autocast_off
 
 WindowLayout = Literal["contiguous", "official"]  # see the module docstring
 LAYOUTS = get_args(WindowLayout)
@@ -51,7 +51,7 @@ class BiMamba(nn.Module):
     sum; `shared_out_proj` is the official code's, where the Mamba layers have no out_proj and one
     bias-free Linear(d_inner, C) projects the sum.
 
-    Runs in float32 even under autocast, as the official code does, because the scan's
+    Runs in float32 (float64 stays) even under autocast, as the official code does, because the scan's
     exponentials are the part of Mamba that fp16 cannot hold.
     """
 
@@ -72,7 +72,7 @@ class BiMamba(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         with autocast_off(tokens.device):
-            x = self.norm(tokens.float())
+            x = self.norm(at_least_float32(tokens))
             y = self.forward_mamba(x)
             if self.backward_mamba is not None:
                 y = y + self.backward_mamba(x.flip(1)).flip(1)

@@ -20,7 +20,7 @@ from dynamic_network_architectures.building_blocks.residual import BasicBlockD
 
 from nnunet_ext.blocks.mamba import Mamba
 from nnunet_ext.networks.base import SegmentationNetwork, UNetDecoder, rename_state_dict
-from nnunet_ext.ops.precision import autocast_off
+from nnunet_ext.ops.precision import at_least_float32, autocast_off
 from nnunet_ext.topology import Topology
 
 Layout = Literal["plans", "official"]
@@ -52,7 +52,7 @@ class MambaLayer(nn.Module):
         if not self.channel_tokens:
             tokens = tokens.transpose(1, 2)
         with autocast_off(x.device):
-            y = self.mamba(self.norm(tokens.to(torch.promote_types(tokens.dtype, torch.float32))))
+            y = self.mamba(self.norm(at_least_float32(tokens)))
         if not self.channel_tokens:
             y = y.transpose(1, 2)
         # Contiguous, not the channels-last view the transposed tokens give: on CPU, torch 2.14's backward of a

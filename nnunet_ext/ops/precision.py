@@ -14,3 +14,8 @@ def autocast_off(device: torch.device | str):
     data to count their activations (nnunet_ext.tools.memory)."""
     device_type = torch.device(device).type
     return contextlib.nullcontext() if device_type == "meta" else torch.autocast(device_type, enabled=False)
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """t in float32 if it is in a narrower float type (fp16, bf16 under autocast); float64 stays float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
