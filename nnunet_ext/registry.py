@@ -319,3 +319,23 @@ for _variant, _where in (("bot", "one Mamba layer (LayerNorm, Mamba over every p
         family="umamba",
     ))
 del _variant, _where
+
+# MedNeXt in the paper's four sizes, each with kernel 3 (its trainer) and kernel 5 (`K5`, which `nnunet-ext upkern`
+# starts from a trained kernel-3 network), on the plans' topology and as the official network.
+for _size in "SBML":
+    register(Architecture(
+        name=f"mednext_{_size.lower()}",
+        trainer=f"nnUNetTrainerMedNeXt{_size}",
+        network=f"nnunet_ext.networks.mednext:MedNeXt{_size}",
+        dims=(2, 3),
+        summary=f"MedNeXt-{_size}: a U-Net of ConvNeXt blocks (depthwise convolution, GroupNorm, 1x1 expansion, GELU, "
+                "1x1 compression) that also resample, skips added",
+        reference="Roy et al., MedNeXt: Transformer-driven Scaling of ConvNets for Medical Image Segmentation, "
+                  "MICCAI 2023",
+        recipe="nnunet_ext.trainers.recipes:MedNeXtRecipe",
+        presets={"k5": {"kernel_size": 5}, "official": {"layout": "official"},
+                 "official_k5": {"layout": "official", "kernel_size": 5}},
+        official_weights="nnunet_ext.networks.mednext:from_official",
+        family="mednext",
+    ))
+del _size

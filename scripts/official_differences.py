@@ -68,7 +68,7 @@ def main(names: list[str]) -> None:
             for case in meta["cases"]:
                 topology = Topology.from_entry(case["architecture"], case["patch_size"])
                 network = arch.build(topology, case["input_channels"], case["num_classes"],
-                                     **{**arch.presets["official"], **options}).eval()
+                                     **{**arch.presets[case.get("preset", "official")], **options}).eval()
                 state = arch.official_state_dict(official_state(arrays, case), network.state_dict())
                 state = with_zero_heads(network.state_dict(), mapping(state) if mapping else state)
                 network.load_state_dict({k: state[k] for k in network.state_dict()}, strict=True)

@@ -83,6 +83,8 @@ class Case:
     input_channels: int
     num_classes: int
     inputs: list[list[int]]
+    preset: str = "official"  # the preset it proves; `options` go to the official build (MedNeXt's kernel size)
+    options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -109,6 +111,11 @@ class Official:
     paper: dict[str, tuple[dict, int, int]]  # the paper's configurations, for the parameter counts
     count_on: str = "meta"  # "cpu" where the official code cannot be built on the meta device
     heads: int | None = None  # how many of nnU-Net's heads, highest resolution first, the official network has
+    # official tensors (name prefixes) the preset does not have, as its converter drops them: left out of the
+    # parameter counts; and how many of the official outputs, highest resolution first, nnU-Net's deep
+    # supervision has (MedNeXt's last is on its bottleneck): the others are not stored
+    dropped: tuple[str, ...] = ()
+    outputs: int | None = None
     blocks: list[BlockCase] = field(default_factory=list)
 
 
@@ -179,6 +186,35 @@ def umamba_loader(variant: str):
             return from_old_plans(get_from_plans, configuration, input_channels, num_classes)
 
         return build, versions
+
+    return load
+
+
+def mednext_loader(size: str):
+    """MedNeXt of `size` ("S", "B", "M", "L"): nnunet_mednext/network_architecture/mednextv1/MedNextV1.py with the
+    arguments create_mednext_v1.py gives that size, but the plans' first width for its 32 (n_channels) and the
+    plans' dimension; deep supervision on, as its trainers build it; no gradient checkpointing (same numbers)."""
+    def load(checkout: Path):
+        sys.path.insert(0, str(checkout))
+        create = importlib.import_module("nnunet_mednext.network_architecture.mednextv1.create_mednext_v1")
+        official = create.MedNeXt
+
+        def build(configuration: dict, input_channels: int, num_classes: int, kernel_size: int = 3) -> nn.Module:
+            arguments = {}
+
+            def record(**kwargs):
+                arguments.update(kwargs)
+
+            create.MedNeXt = record  # the size's arguments, as create_mednext_v1 passes them
+            try:
+                create.create_mednext_v1(input_channels, num_classes, size, kernel_size, deep_supervision=True)
+            finally:
+                create.MedNeXt = official
+            arch = configuration["architecture"]["arch_kwargs"]
+            return official(**{**arguments, "n_channels": arch["features_per_stage"][0], "checkpoint_style": None,
+                               "dim": f"{len(configuration['patch_size'])}d"})
+
+        return build, {}
 
     return load
 
@@ -349,6 +385,19 @@ OFFICIAL = {
         paper={"2d": (plans_configuration(2, 7, 512, [512, 640]), 3, 8),
                "3d": (plans_configuration(3, 6, 320, [64, 160, 192]), 1, 14)})
        for variant in ("bot", "enc")},
+    **{f"mednext_{size.lower()}": Official(
+        repository="MIC-DKFZ/MedNeXt", commit="0b78ed869fbd1cc2fd38754d2f8519f1b72d43ba", load=mednext_loader(size),
+        # Five 2D stages of widths 1 to 16 (the official network doubles its first width), 32 x 32: the bottleneck
+        # is 2 x 2. S also in 3D with kernel 5 (32 x 16 x 16), B in 2D with kernel 5.
+        cases=[Case("2d", small(plans_configuration(2, 5, 16, [32, 32]), [1, 2, 4, 8, 16]), 1, 3, [[1, 1, 32, 32]]),
+               *{"S": [Case("3d_k5", small(plans_configuration(3, 5, 16, [32, 16, 16]), [1, 2, 4, 8, 16]), 1, 2,
+                            [[1, 1, 32, 16, 16]], "official_k5", {"kernel_size": 5})],
+                 "B": [Case("2d_k5", small(plans_configuration(2, 5, 16, [32, 32]), [1, 2, 4, 8, 16]), 1, 2,
+                            [[1, 1, 32, 32]], "official_k5", {"kernel_size": 5})]}.get(size, [])],
+        # The paper's 3D networks: width 32 doubling to 512, 1 channel, the 14 outputs of BTCV's 13 organs.
+        paper={"3d": (plans_configuration(3, 5, 512, [128, 128, 128]), 1, 14)},
+        dropped=("out_4.", "dummy_tensor"), outputs=4)
+       for size in "SBML"},
     "ukan": Official(
         repository="CUHK-AIM-Group/U-KAN", commit="b20bf63490f01ba45cc2c18834bc0c4975c12715", load=load_ukan,
         cases=[
@@ -428,9 +477,11 @@ def state_arrays(network: nn.Module) -> tuple[np.ndarray, list, dict[str, np.nda
     return np.concatenate(codes), layout, integers, aliases
 
 
-def parameter_count(device: str, build, configuration: dict, input_channels: int, num_classes: int) -> int:
+def parameter_count(device: str, build, configuration: dict, input_channels: int, num_classes: int,
+                    dropped: tuple[str, ...] = ()) -> int:
     with torch.device(device):
-        return sum(p.numel() for p in build(configuration, input_channels, num_classes).parameters())
+        network = build(configuration, input_channels, num_classes)
+    return sum(p.numel() for name, p in network.named_parameters() if not name.startswith(dropped))
 
 
 def main(argv=None) -> None:
@@ -450,7 +501,7 @@ def main(argv=None) -> None:
     arrays, cases = {}, []
     for case in spec.cases:
         torch.manual_seed(0)
-        network = build(case.configuration, case.input_channels, case.num_classes).eval()
+        network = build(case.configuration, case.input_channels, case.num_classes, **case.options).eval()
         initial = initialisation(network)
         randomise(network)
         codes, layout, integers, aliases = state_arrays(network)
@@ -461,12 +512,12 @@ def main(argv=None) -> None:
             x = torch.randn(shape, generator=torch.Generator().manual_seed(2 + i)).half().float()
             with torch.no_grad():
                 outputs = network(x)
-            outputs = [outputs] if isinstance(outputs, torch.Tensor) else outputs  # without deep supervision
+            outputs = [outputs] if isinstance(outputs, torch.Tensor) else outputs[:spec.outputs]
             arrays[f"{case.name}/input/{i}"] = x.numpy()
             arrays |= {f"{case.name}/output/{i}/{j}": y.numpy() for j, y in enumerate(outputs)}
-        cases.append({"name": case.name, **case.configuration, "input_channels": case.input_channels,
-                      "num_classes": case.num_classes, "inputs": len(case.inputs), "state": layout, "state_step": STEP,
-                      "aliases": aliases,
+        cases.append({"name": case.name, "preset": case.preset, **case.configuration,
+                      "input_channels": case.input_channels, "num_classes": case.num_classes,
+                      "inputs": len(case.inputs), "state": layout, "state_step": STEP, "aliases": aliases,
                       "initialisation": {k: v for k, v in initial.items() if k not in aliases}})
         print(f"{args.arch} {case.name}: {sum(p.numel() for p in network.parameters())} parameters, "
               f"{len(case.inputs)} inputs")
@@ -490,7 +541,7 @@ def main(argv=None) -> None:
                        "initialisation": {k: v for k, v in initial.items() if k not in aliases}})
         print(f"{args.arch} {block.name}: {sum(p.numel() for p in module.parameters())} parameters")
 
-    counts = {name: parameter_count(spec.count_on, build, *paper) for name, paper in spec.paper.items()}
+    counts = {name: parameter_count(spec.count_on, build, *paper, spec.dropped) for name, paper in spec.paper.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out / f"{args.arch}.npz", **arrays)
     meta = {"repository": spec.repository, "commit": spec.commit, "made_by": "scripts/official_goldens.py",

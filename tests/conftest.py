@@ -3,6 +3,7 @@ end-to-end rotation (docs/testing.md)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -124,6 +125,20 @@ def nnunet_env(planned, monkeypatch):
     for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
         monkeypatch.setenv(key, planned.env()[key])
     return planned
+
+
+def initialized_trainer(workspace, name: str, configuration: str = "2d"):
+    """Trainer `name` of nnunet_ext.trainers on the planned workspace's default plans, initialised in this
+    process on CPU (its network built), as nnUNetv2_train would set it up."""
+    import nnunet_ext.trainers as trainers
+
+    folder = workspace.preprocessed / workspace.dataset
+    plans, dataset = (json.loads((folder / f).read_text()) for f in ("nnUNetPlans.json", "dataset.json"))
+    # nnU-Net's run_training puts continue_training into the plans it hands the trainer
+    trainer = getattr(trainers, name)({**plans, "continue_training": False}, configuration, 0, dataset,
+                                      torch.device("cpu"))
+    trainer.initialize()
+    return trainer
 
 
 def channels_first(t: torch.Tensor) -> torch.Tensor:

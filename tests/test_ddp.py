@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-import nnunet_ext.trainers as trainers
-from conftest import TOPOLOGIES
+from conftest import TOPOLOGIES, initialized_trainer
 from nnunet_ext.registry import ARCHITECTURES
 
 STEPS, NUM_CLASSES = 3, 3
@@ -175,14 +174,6 @@ def test_checkpoint_check_and_loading_with_ddp(nnunet_env, tmp_path):
     """`--c` and `--val` under DDP (`-num_gpus`): a trainer whose network is wrapped in DDP checks and
     loads the checkpoint nnU-Net writes (the unwrapped network's keys), and still refuses another
     architecture's; without DDP, a checkpoint whose keys carry DDP's `module.` prefix loads too."""
-    folder = nnunet_env.preprocessed / nnunet_env.dataset
-    plans, dataset = (json.loads((folder / f).read_text()) for f in ("nnUNetPlans.json", "dataset.json"))
-
-    def trainer(name):
-        t = getattr(trainers, name)({**plans, "continue_training": False}, "2d", 0, dataset, torch.device("cpu"))
-        t.initialize()
-        return t
-
     def checkpoint(t, weights, prefix):
         path = tmp_path / f"{prefix or 'plain'}.pth"
         torch.save({"network_weights": {prefix + k: v for k, v in weights.items()},
@@ -192,8 +183,8 @@ def test_checkpoint_check_and_loading_with_ddp(nnunet_env, tmp_path):
                     "grad_scaler_state": None, "inference_allowed_mirroring_axes": None}, path)
         return str(path)
 
-    single, wrapped, other = (trainer(n) for n in ("nnUNetTrainerAttentionUNet", "nnUNetTrainerAttentionUNet",
-                                                   "nnUNetTrainerUKAN"))
+    single, wrapped, other = (initialized_trainer(nnunet_env, n) for n in
+                              ("nnUNetTrainerAttentionUNet", "nnUNetTrainerAttentionUNet", "nnUNetTrainerUKAN"))
     expected = {k: v.clone() + 1 for k, v in single.network.state_dict().items()}
     single.load_checkpoint(checkpoint(single, expected, "module."))
     assert all(torch.equal(single.network.state_dict()[k], v) for k, v in expected.items())

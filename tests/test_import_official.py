@@ -42,15 +42,15 @@ def plans_name(name: str) -> str:
 
 def official_checkpoint(name: str, path: Path, **extra) -> Path:
     """The goldens' state dict in the layout the official code saves. U-KAN's train.py saves the state dict
-    alone. D-LKA Net's trainer saves nnU-Net v1's checkpoint (the state dict under 'state_dict', numpy scalars
-    in its curves). The LKM-UNet fork saves an nnU-Net checkpoint (numpy scalars in its log, a torch.device in its
-    init_args), which its users pickled under numpy 1 (numpy.core.multiarray.scalar)."""
+    alone. D-LKA Net's and MedNeXt's trainers save nnU-Net v1's checkpoint (the state dict under 'state_dict',
+    numpy scalars in its curves). The LKM-UNet fork saves an nnU-Net checkpoint (numpy scalars in its log, a
+    torch.device in its init_args), which its users pickled under numpy 1 (numpy.core.multiarray.scalar)."""
     _, arrays = goldens(name)
     state = official_state(arrays, golden_case(name))
     if name == "ukan":
         torch.save({**state, **extra}, path)
         return path
-    if name == "dlka_net":
+    if name == "dlka_net" or ARCHITECTURES[name].family == "mednext":
         torch.save({"epoch": 1000, "state_dict": state, "optimizer_state_dict": None, "lr_scheduler_state_dict": None,
                     "plot_stuff": ([0.9], [0.8], [0.8], [np.float64(0.5)]), "best_stuff": (900, 0.8, np.float64(0.5)),
                     **extra}, path)

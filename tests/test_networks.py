@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from conftest import TOPOLOGIES
+from conftest import TOPOLOGIES, matrix
 from nnunet_ext.networks.base import NonFiniteInputError
 from nnunet_ext.registry import ARCHITECTURES
 
@@ -37,9 +37,18 @@ def expected_shapes(topology, batch, size):
     return shapes
 
 
-# every architecture, and each of its presets as "name:preset"
-arch_names = pytest.mark.parametrize("arch_name", [*ARCHITECTURES, *(f"{name}:{preset}" for name, arch in
-                                                                     ARCHITECTURES.items() for preset in arch.presets)])
+def contract_case(name: str, preset: str = ""):
+    """A network to hold to the contract: every architecture, each of its presets as "name:preset". Variants of one
+    family (U-Mamba's Bot and Enc, MedNeXt's sizes; each with its presets) take turns: one of them runs every test
+    on every topology in a run (`--full-matrix`: all), as they share their modules."""
+    arch_name = f"{name}:{preset}" if preset else name
+    if not ARCHITECTURES[name].family:
+        return arch_name
+    return pytest.param(arch_name, marks=matrix(name, preset or "default", group="contract"), id=arch_name)
+
+
+arch_names = pytest.mark.parametrize("arch_name", [contract_case(name, preset) for name, arch in ARCHITECTURES.items()
+                                                   for preset in ("", *arch.presets)])
 
 
 @arch_names

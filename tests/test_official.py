@@ -47,11 +47,12 @@ def official_state(arrays, case: dict) -> dict[str, torch.Tensor]:
 
 
 def preset_network(name: str, configuration: dict, device=None, deep_supervision: bool = True):
+    """The network of the preset a golden case proves (`official`, or MedNeXt's `official_k5`)."""
     arch = ARCHITECTURES[name]
     topology = Topology.from_entry(configuration["architecture"], configuration["patch_size"])
     with torch.device(device or "cpu"):
         return arch.build(topology, configuration["input_channels"], configuration["num_classes"],
-                          deep_supervision, **arch.presets["official"])
+                          deep_supervision, **arch.presets[configuration.get("preset", "official")])
 
 
 def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -83,7 +84,8 @@ def test_official_preset_initialises_every_tensor_as_the_official_code(name):
     draws from one distribution: their means differ by less than 5 standard errors (of the pooled spread),
     their standard deviations by less than 5 relative standard errors; what the official code sets to a
     constant (norms, zero-initialised residual branches, Mamba's D) is that constant here. Under 16 values
-    a sample's spread says too little to compare: there the tensor must merely not be constant."""
+    a sample's spread says too little to compare: there the tensor must merely not be constant; of one value,
+    nothing is compared."""
     meta, _ = goldens(name)
     compared = drawn = 0
     for case in [*meta["cases"], *meta.get("blocks", [])]:  # blocks: as the preset's network initialises them
@@ -95,20 +97,22 @@ def test_official_preset_initialises_every_tensor_as_the_official_code(name):
         for tensor_name, (mean, std, size) in official.items():
             tensor = ours[tensor_name].double()
             assert tensor.numel() == size, tensor_name
+            if size == 1:  # one value (MedNeXt's cases at width 1) tells neither a spread nor a constant
+                continue
             if std == 0:
                 assert torch.allclose(tensor, torch.full_like(tensor, mean), atol=1e-6), tensor_name
                 continue
             assert tensor.std() > 0, f"{tensor_name} is constant here, not in the official network"
-            drawn += 1
+            drawn += size
             if size < 16:
                 continue
-            compared += 1
+            compared += size
             error, spread = math.sqrt(2 / size), math.sqrt((std ** 2 + tensor.std().item() ** 2) / 2)
             assert abs(tensor.mean().item() - mean) < 5 * spread * error, f"{tensor_name}: mean " \
                 f"{tensor.mean():.4g}, official {mean:.4g}"
             assert abs(tensor.std().item() / std - 1) < 5 * error, f"{tensor_name}: std {tensor.std():.4g}, " \
                 f"official {std:.4g}"
-    assert compared >= drawn / 2  # most drawn tensors are large enough to compare
+    assert compared >= drawn / 2  # most drawn values are in tensors large enough to compare
 
 
 @pytest.mark.parametrize("name", OFFICIAL)
@@ -138,7 +142,7 @@ def test_official_blocks_compute_the_official_outputs(name):
 
 
 def test_goldens_stay_small():
-    """Numbers only, and under 2 MB together: the repository carries them."""
+    """Numbers only, and under 3 MB together (2.35 MB for nine architectures): the repository carries them."""
     files = list(GOLDENS.iterdir())
     assert {f.suffix for f in files} <= {".npz", ".json"}
-    assert sum(f.stat().st_size for f in files) < 2 * 2 ** 20
+    assert sum(f.stat().st_size for f in files) < 3 * 2 ** 20

@@ -28,6 +28,8 @@ COMMANDS = {
     "import-official": ("import_official", "a checkpoint of an architecture's official code -> a fold folder of its "
                                            "official preset's trainer, for nnUNetv2_predict and -pretrained_weights "
                                            "(read without unpickling code; refused unless every tensor fits)"),
+    "upkern": ("upkern", "MedNeXt's UpKern: a trained kernel-3 MedNeXt checkpoint -> the weights its kernel-5 twin "
+                         "starts from (nnUNetv2_train -pretrained_weights), kernels resized by interpolation"),
     "plan": ("plan", "plan patch and batch size for one architecture within a GPU memory target: nnU-Net's planner "
                      "with the architecture's memory model; writes nnUNetPlans_<Arch>_<GB>G.json next to nnU-Net's "
                      "plans, for nnUNetv2_train -p"),

@@ -49,13 +49,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a checkpoint_final.pth already there")
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint, read without unpickling anything but data."""
+def read_checkpoint(path: Path):
+    """What a checkpoint holds, read without unpickling anything but data (tensors, plain containers, numpy's
+    scalars, torch.device)."""
     if not path.is_file():
         raise ImportRefused(f"{path} does not exist.")
     try:
         with torch.serialization.safe_globals(NUMPY_DATA):
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         named = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         if not named:
@@ -68,11 +69,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                             "'weights.pth').") from None
     except (RuntimeError, EOFError, OSError) as error:
         raise ImportRefused(f"{path} is not a PyTorch checkpoint torch.load can read: {error}") from None
+
+
+def state_dict_of(loaded, path: Path) -> dict[str, torch.Tensor]:
+    """The network's tensors in what `read_checkpoint` read from `path`."""
     if isinstance(loaded, dict):
         loaded = next((loaded[k] for k in STATE_KEYS if isinstance(loaded.get(k), dict)), loaded)
     if not (isinstance(loaded, dict) and loaded and all(isinstance(v, torch.Tensor) for v in loaded.values())):
         raise ImportRefused(f"{path} holds no state dict (a dict of tensors, alone or under one of {STATE_KEYS}).")
     return {k.removeprefix("module."): v for k, v in loaded.items()}  # saved from DDP
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint, read without unpickling anything but data."""
+    return state_dict_of(read_checkpoint(path), path)
 
 
 def first_mismatch(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> str | None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
 from nnunet_ext.blocks.kan import kan_parameters
 from nnunet_ext.trainers.base import nnUNetExtTrainer
 from nnunet_ext.trainers.schedulers import CosineLRScheduler, WarmupPolyLRScheduler
@@ -47,3 +49,18 @@ class TransformerRecipe(nnUNetExtTrainer):
                                       weight_decay=self.weight_decay, fused=self.device.type == "cuda")
         warmup = max(1, round(self.warmup_fraction * self.num_epochs))
         return optimizer, WarmupPolyLRScheduler(optimizer, self.num_epochs, warmup)
+
+
+class MedNeXtRecipe(nnUNetExtTrainer):
+    """MedNeXt's official recipe (nnUNetTrainerV2_Optim_and_LR): AdamW at lr 1e-3 with eps 1e-4 (1e-8 can give
+    NaN in fp16), weight decay 3e-5, nnU-Net's poly schedule, epochs and gradient clipping (docs/mednext.md)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr, self.weight_decay = 1e-3, 3e-5
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.network.parameters(), self.initial_lr, eps=1e-4,
+                                      weight_decay=self.weight_decay)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
