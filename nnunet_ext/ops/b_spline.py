@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from nnunet_ext.ops import cpu_kernel
+from nnunet_ext.ops.precision import autocast_off
 
 
 def uniform_grid(features: int, grid_size: int, spline_order: int, grid_range=(-1.0, 1.0)) -> torch.Tensor:
@@ -162,8 +163,9 @@ class _UniformBSplineBases(torch.autograd.Function):
         ctx.order = order
         if _compiled(x):
             return cpu_kernel.b_spline_forward(*_kernel_arguments(x, grid, order)).view(*x.shape, -1)
-        powers, indices, valid = _interval_positions(x, grid, order)
-        values = (powers @ _uniform_basis_matrix(order).to(x)) * valid  # times 0, not masked: NaN stays NaN
+        with autocast_off(x.device):  # the product in x's float32, not autocast's half precision (as the loop)
+            powers, indices, valid = _interval_positions(x, grid, order)
+            values = (powers @ _uniform_basis_matrix(order).to(x)) * valid  # times 0, not masked: NaN stays NaN
         return x.new_zeros(*x.shape, grid.shape[1] - order - 1).scatter_add_(-1, indices, values)
 
     @staticmethod
@@ -175,10 +177,11 @@ class _UniformBSplineBases(torch.autograd.Function):
         if _compiled(x):
             rows = grad.reshape(-1, *grad.shape[-2:])
             return cpu_kernel.b_spline_backward(*_kernel_arguments(x, grid, k), rows).view(x.shape), None, None
-        powers, indices, valid = _interval_positions(x, grid, k)
-        # d/du of [1, u, ..., u^k] is [0, 1, 2u, ..., k u^(k-1)]: only the rows of M from the second on.
-        slopes = (powers[..., :-1] * torch.arange(1, k + 1, dtype=x.dtype, device=x.device)) \
-            @ _uniform_basis_matrix(k)[1:].to(x)
+        with autocast_off(x.device):
+            powers, indices, valid = _interval_positions(x, grid, k)
+            # d/du of [1, u, ..., u^k] is [0, 1, 2u, ..., k u^(k-1)]: only the rows of M from the second on.
+            slopes = (powers[..., :-1] * torch.arange(1, k + 1, dtype=x.dtype, device=x.device)) \
+                @ _uniform_basis_matrix(k)[1:].to(x)
         return (grad.gather(-1, indices) * slopes * valid).sum(-1) / _step(grid), None, None
 
 
