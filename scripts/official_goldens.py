@@ -112,10 +112,8 @@ class Official:
     count_on: str = "meta"  # "cpu" where the official code cannot be built on the meta device
     heads: int | None = None  # how many of nnU-Net's heads, highest resolution first, the official network has
     # official tensors (name prefixes) the preset does not have, as its converter drops them: left out of the
-    # parameter counts; and how many of the official outputs, highest resolution first, nnU-Net's deep
-    # supervision has (MedNeXt's last is on its bottleneck): the others are not stored
+    # parameter counts
     dropped: tuple[str, ...] = ()
-    outputs: int | None = None
     blocks: list[BlockCase] = field(default_factory=list)
 
 
@@ -396,7 +394,7 @@ OFFICIAL = {
                             [[1, 1, 32, 32]], "official_k5", {"kernel_size": 5})]}.get(size, [])],
         # The paper's 3D networks: width 32 doubling to 512, 1 channel, the 14 outputs of BTCV's 13 organs.
         paper={"3d": (plans_configuration(3, 5, 512, [128, 128, 128]), 1, 14)},
-        dropped=("out_4.", "dummy_tensor"), outputs=4)
+        dropped=("dummy_tensor",))
        for size in "SBML"},
     "ukan": Official(
         repository="CUHK-AIM-Group/U-KAN", commit="b20bf63490f01ba45cc2c18834bc0c4975c12715", load=load_ukan,
@@ -512,7 +510,7 @@ def main(argv=None) -> None:
             x = torch.randn(shape, generator=torch.Generator().manual_seed(2 + i)).half().float()
             with torch.no_grad():
                 outputs = network(x)
-            outputs = [outputs] if isinstance(outputs, torch.Tensor) else outputs[:spec.outputs]
+            outputs = [outputs] if isinstance(outputs, torch.Tensor) else outputs
             arrays[f"{case.name}/input/{i}"] = x.numpy()
             arrays |= {f"{case.name}/output/{i}/{j}": y.numpy() for j, y in enumerate(outputs)}
         cases.append({"name": case.name, "preset": case.preset, **case.configuration,

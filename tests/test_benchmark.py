@@ -11,6 +11,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import rotation_key
 from nnunet_ext.ops import selective_scan_fn
 from nnunet_ext.ops.reference import selective_scan_loop
 from nnunet_ext.ops.selective_scan import pytorch_paths_only
@@ -49,9 +50,12 @@ def test_a_killed_measurement_process_is_an_error_not_a_hang():
 
 
 def test_benchmark_command_compares_with_nnunets_network_and_primus(planned, tmp_path):
-    out = cli("benchmark", "-d", "999", "-c", "3d_fullres", "--repeats", "1", "-o", str(tmp_path), env=planned.env())
+    registered = list(ARCHITECTURES)  # two per run, chosen by the rotation key: successive commits take each in turn
+    chosen = [registered[(rotation_key() + i) % len(registered)] for i in range(2)]
+    out = cli("benchmark", "-d", "999", "-c", "3d_fullres", "-a", *chosen, "--repeats", "1", "-o", str(tmp_path),
+              env=planned.env())
     assert out.returncode == 0, out.stderr
-    names = ["nnU-Net", "Primus-B", *ARCHITECTURES]  # the tiny 3d plans' patch divides by 8
+    names = ["nnU-Net", "Primus-B", *chosen]  # the tiny 3d plans' patch divides by 8
     assert f"[{len(names)}/{len(names)}] {names[-1]}" in out.stderr  # progress
     lines = out.stdout.splitlines()
     assert "patch (" in lines[0] and "batch 2" in lines[0] and "its PlainConvUNet" in lines[0]

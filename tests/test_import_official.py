@@ -89,11 +89,11 @@ def fold_folder(ws, name: str, fold: str = "0") -> Path:
 @pytest.mark.parametrize("name", OFFICIAL)
 def test_imported_fold_holds_the_official_network(name, golden_plans, tmp_path):
     case = golden_case(name)
-    target = import_official(name, official_checkpoint(name, tmp_path / "official.pth"), "999",
-                             configuration_name(case), plans_name(name), "3")
+    target, trainer = import_official(name, official_checkpoint(name, tmp_path / "official.pth"), "999",
+                                      configuration_name(case), plans_name(name), "3")
     assert target == fold_folder(golden_plans, name, "3") / "checkpoint_final.pth"
     checkpoint = torch.load(target, map_location="cpu", weights_only=False)
-    assert checkpoint["trainer_name"] == ARCHITECTURES[name].preset_trainer("official")
+    assert checkpoint["trainer_name"] == trainer == ARCHITECTURES[name].preset_trainer("official")
     network = preset_network(name, case).eval()
     network.load_state_dict(checkpoint["network_weights"], strict=True)
     _, arrays = goldens(name)
@@ -104,6 +104,31 @@ def test_imported_fold_holds_the_official_network(name, golden_plans, tmp_path):
         import_official(name, tmp_path / "official.pth", "999", configuration_name(case), plans_name(name), "3")
     import_official(name, tmp_path / "official.pth", "999", configuration_name(case), plans_name(name), "3",
                     overwrite=True)
+
+
+def test_a_kernel5_checkpoint_goes_to_the_official_k5_trainer_and_another_kernel_to_none(golden_plans, tmp_path):
+    """MedNeXt's official kernel-5 networks differ from kernel 3 in their depthwise kernels alone: the goldens'
+    kernel-3 checkpoint with every 3-wide kernel replaced by a 5-wide one imports into the OfficialK5 trainer,
+    its kernels as they were; with 7-wide ones it fits neither, and the refusal names both."""
+    name = "mednext_b"
+    state = official_state(goldens(name)[1], golden_case(name))
+
+    def widened(k: int) -> dict:
+        return {key: torch.randn(*v.shape[:2], *[k] * (v.dim() - 2)) if v.dim() > 2 and v.shape[-1] == 3 else v
+                for key, v in state.items()}
+
+    torch.save({"epoch": 1000, "state_dict": widened(5)}, tmp_path / "k5.pth")
+    target, trainer = import_official(name, tmp_path / "k5.pth", "999", "2d", plans_name(name), "0")
+    assert trainer == "nnUNetTrainerMedNeXtBOfficialK5" and trainer in str(target)
+    weights = torch.load(target, weights_only=False)["network_weights"]
+    kernel = torch.load(tmp_path / "k5.pth")["state_dict"]["enc_block_1.0.conv1.weight"]
+    assert torch.equal(weights["encoder.stages.1.0.conv1.weight"], kernel)
+
+    torch.save({"epoch": 1000, "state_dict": widened(7)}, tmp_path / "k7.pth")
+    with pytest.raises(ImportRefused, match="does not fit nnUNetTrainerMedNeXtBOfficial's .* Nor does it fit "
+                                            "nnUNetTrainerMedNeXtBOfficialK5's"):
+        import_official(name, tmp_path / "k7.pth", "999", "2d", plans_name(name), "1")
+    assert not fold_folder(golden_plans, name, "1").exists()
 
 
 def test_refuses_a_checkpoint_of_another_configuration_and_writes_nothing(golden_plans, tmp_path):

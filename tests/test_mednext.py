@@ -1,19 +1,23 @@
 """MedNeXt: its sizes' tables, the plans layout on anisotropic and deep topologies, the up block's padding, its
-training recipe, and UpKern (the function against interpolation written out, the command on a checkpoint nnU-Net
-wrote). The official network's numbers are tests/test_official.py's; the contract every network meets is
-tests/test_networks.py's."""
+training recipe with the official network's deep supervision, gradient checkpointing, and UpKern (the function
+against interpolation written out, the command on a checkpoint nnU-Net wrote). The official network's numbers
+are tests/test_official.py's; the contract every network meets is tests/test_networks.py's."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
 from conftest import initialized_trainer, make_topology
 from nnunet_ext.networks.mednext import MedNeXtB, MedNeXtBlock, MedNeXtL, MedNeXtM, MedNeXtS
 from nnunet_ext.tools.cli import main as cli
+from nnunet_ext.tools.memory import training_peak_bytes
 from nnunet_ext.tools.upkern import kernel5_trainer, upkern
 from nnunet_ext.trainers.recipes import MedNeXtRecipe
 
@@ -89,6 +93,25 @@ def test_an_even_kernel_is_refused():
         MedNeXtS(FIVE_STAGES, 1, 2, kernel_size=4)
 
 
+def test_checkpointing_gives_the_same_gradients_in_less_memory_and_is_on_for_m_and_l_as_officially():
+    """The official trainers checkpoint M and L, not S and B. A checkpointed block keeps its input only and
+    computes its inside again in the backward pass: the gradients are the ones without, the peak is lower."""
+    defaults = {size: all(b.checkpointing for b in size(FIVE_STAGES, 1, 2).modules() if isinstance(b, MedNeXtBlock))
+                for size in (MedNeXtS, MedNeXtB, MedNeXtM, MedNeXtL)}
+    assert defaults == {MedNeXtS: False, MedNeXtB: False, MedNeXtM: True, MedNeXtL: True}
+    torch.manual_seed(0)
+    plain = MedNeXtM(FIVE_STAGES, 1, 2, checkpointing=False)
+    checkpointed = MedNeXtM(FIVE_STAGES, 1, 2)
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 1, 32, 32, 32)
+    peaks = [training_peak_bytes(net, x) for net in (plain, checkpointed)]
+    for ours, reference in zip(checkpointed.parameters(), plain.parameters()):
+        torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-5, atol=1e-7)
+    assert peaks[1] < 0.7 * peaks[0], peaks
+    with torch.no_grad():  # nothing to keep for a backward pass: no recomputation
+        torch.testing.assert_close(checkpointed.eval()(x), plain.eval()(x))
+
+
 def test_recipe_is_adamw_with_the_official_eps_and_nnunets_poly_schedule():
     recipe = MedNeXtRecipe.__new__(MedNeXtRecipe)  # the optimiser alone, without plans
     recipe.network, recipe.initial_lr, recipe.weight_decay, recipe.num_epochs = nn.Linear(2, 2), 1e-3, 3e-5, 10
@@ -97,6 +120,31 @@ def test_recipe_is_adamw_with_the_official_eps_and_nnunets_poly_schedule():
     assert optimizer.defaults["eps"] == 1e-4 and optimizer.defaults["weight_decay"] == 3e-5
     schedule.step(5)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5 ** 0.9)
+
+
+def test_official_trainer_supervises_the_bottleneck_as_the_v1_trainer_and_the_default_as_nnunet(nnunet_env,
+                                                                                                monkeypatch):
+    """The official v1 trainer supervises all five outputs, the bottleneck's last, with the weights 1, 1/2, 1/4,
+    1/8, 1/16 of six (the sixth zeroed, as nnU-Net v1 zeroes its lowest), normalised; nnU-Net 2.8 supervises the
+    decoder stages and zeroes the lowest. A training step runs on the batch nnU-Net's data loader makes, and the
+    bottleneck's head learns."""
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")  # nnU-Net's data loader in this process
+    official = initialized_trainer(nnunet_env, "nnUNetTrainerMedNeXtSOfficial_debug")
+    default = initialized_trainer(nnunet_env, "nnUNetTrainerMedNeXtS_debug")
+    pools = np.array(official.configuration_manager.pool_op_kernel_sizes)
+    assert official._get_deep_supervision_scales() == (1 / np.cumprod(pools, axis=0)).tolist()
+    assert default._get_deep_supervision_scales() == nnUNetTrainer._get_deep_supervision_scales(default)
+    v1 = np.array([1 / 2 ** i for i in range(len(pools) + 1)])
+    v1[-1] = 0
+    assert official.loss.weight_factors == pytest.approx((v1 / v1.sum())[:len(pools)])
+    stock = np.array([1 / 2 ** i for i in range(len(pools) - 1)])
+    stock[-1] = 0
+    assert default.loss.weight_factors == pytest.approx(stock / stock.sum())
+
+    batch = next(official.get_dataloaders()[0])
+    assert len(batch["target"]) == len(pools)
+    assert np.isfinite(official.train_step(batch)["loss"])
+    assert official.network.bottleneck_head.weight.grad.abs().max() > 0  # nnU-Net zeroes gradients before a step
 
 
 def test_upkern_resizes_kernels_as_linear_interpolation_and_copies_the_rest():

@@ -1,5 +1,9 @@
 """The training-memory measure, the footprint the memory models scale with, and the models the
-planner uses (nnunet_ext.tools.memory, nnunet_ext.memory_models, `nnunet-ext benchmark-memory`)."""
+planner uses (nnunet_ext.tools.memory, nnunet_ext.memory_models, `nnunet-ext benchmark-memory`).
+
+The per-architecture checks take turns within a family (conftest's rotations, groups `footprint` and
+`memory`): MedNeXt's four sizes and U-Mamba's two variants share their modules, and measuring a size's
+training step costs up to a minute."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import TOPOLOGIES
+from conftest import TOPOLOGIES, matrix
 from nnunet_ext import memory_models
 from nnunet_ext.blocks.kan import KANLinear
 from nnunet_ext.memory_models import REFERENCE, Footprint, MemoryModel, relative_memory
@@ -119,7 +123,8 @@ def test_extra_elements_count_attention_matrices_and_spline_bases():
     assert count(nn.Conv2d(2, 3, 3), torch.randn(1, 2, 8, 8)) == 0
 
 
-@pytest.mark.parametrize("name", list(ARCHITECTURES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=matrix(n, "footprint", group="footprint"))
+                                  for n in ARCHITECTURES])
 def test_footprints_counted_on_the_meta_device_are_those_of_real_tensors(name):
     """The planner counts on the meta device (no data, any patch size in about a second); every
     registered network must run there and count what it counts on real tensors."""
@@ -136,7 +141,8 @@ def test_footprints_counted_on_the_meta_device_are_those_of_real_tensors(name):
             memory.extra_elements(real, channels, topology.patch_size)
 
 
-@pytest.mark.parametrize("name", list(ARCHITECTURES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=matrix(n, "memory-model", group="memory"))
+                                  for n in ARCHITECTURES])
 def test_every_architecture_has_a_memory_model_within_the_tolerance_per_dimension(name):
     """On the first patch the models were checked on and never fitted on: `nnunet-ext benchmark-memory`
     checks every patch."""

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dynamic_network_architectures.building_blocks.helper import get_matching_convtransp
 
@@ -43,7 +44,11 @@ class MedNeXtBlock(nn.Module):
     or changes the width.
 
     A transposed convolution of stride s, padding k // 2, gives s * n - (s - 1) positions from n; like the
-    official code, the up block pads the missing s - 1 at the start of each axis, its residual too."""
+    official code, the up block pads the missing s - 1 at the start of each axis, its residual too.
+
+    With `checkpointing` set, training keeps only the block's input for the backward pass and computes the
+    rest again there (the official M and L networks' "outside_block" gradient checkpointing): the expanded
+    maps are the largest the network forms."""
 
     def __init__(self, conv_op: type[nn.Module], input_channels: int, output_channels: int, expansion: int,
                  kernel_size, stride=1, transposed: bool = False):
@@ -62,8 +67,14 @@ class MedNeXtBlock(nn.Module):
         # F.pad's order: last axis first, (before, after) each
         self.pad = [p for s in reversed(stride) for p in (s - 1, 0)] if transposed and any(s != 1 for s in stride) \
             else None
+        self.checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and torch.is_grad_enabled():
+            return checkpoint(self.compute, x, use_reentrant=False)
+        return self.compute(x)
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv3(self.act(self.conv2(self.norm(self.conv1(x)))))
         residual = x if self.res_conv is None else self.res_conv(x)
         if self.pad is not None:
@@ -103,21 +114,29 @@ class MedNeXt(SegmentationNetwork):
         topology: the plans' U-Net layout (`Topology.from_plans`): stages, strides, kernel sizes, widths.
         input_channels, num_classes: input modalities and output heads.
         deep_supervision: return one logit map per decoder stage, highest resolution first.
-        size: "S", "B", "M" or "L", the official expansion ratios and blocks per stage (`SIZES`).
         kernel_size: of every depthwise convolution, 3 or 5 (the paper's k3 and k5 networks; UpKern starts a
             kernel-5 network from a trained kernel-3 one: `nnunet-ext upkern`).
         layout: "plans" (the paper on the plans' topology): the plans' widths, and a kernel of 1 along the axes
             the plans convolve with 1 (anisotropic stages). "official": the official network
             (MIC-DKFZ/MedNeXt at 0b78ed86): the plans' first width doubling at every stage without nnU-Net's
-            cap, the kernel along every axis, 1x1 transposed convolutions as heads.
-    Both take the plans' stages and strides, GroupNorm and GELU whatever the plans' norm and nonlinearity, and
-    PyTorch's initialisation, as the official code does.
+            cap, the kernel along every axis, 1x1 transposed convolutions as heads, a head on the bottleneck too.
+        checkpointing: gradient checkpointing of every block (`MedNeXtBlock`): the same numbers in less memory,
+            each block's inside computed twice. None: as the official trainers, on for M and L only.
+    Both layouts take the plans' stages and strides, GroupNorm and GELU whatever the plans' norm and
+    nonlinearity, and PyTorch's initialisation, as the official code does. The size ("S", "B", "M" or "L": the
+    official expansion ratios and blocks per stage, `SIZES`) is the class's: `MedNeXtS`, `MedNeXtB`, `MedNeXtM`,
+    `MedNeXtL`.
+
+    With deep supervision the official network's outputs end with the bottleneck's, which its v1 trainer
+    supervises too: `output_strides` has one stride more, and the trainer (`MedNeXtRecipe`) makes a target and a
+    loss weight for it.
     """
 
     size: Literal["S", "B", "M", "L"]
+    checkpoints: bool  # the size's `checkpointing` where the option is None
 
     def __init__(self, topology: Topology, input_channels: int, num_classes: int, deep_supervision: bool = True,
-                 kernel_size: int = 3, layout: Layout = "plans"):
+                 kernel_size: int = 3, layout: Layout = "plans", checkpointing: bool | None = None):
         super().__init__(topology)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"MedNeXt's kernel_size must be odd (the paper's are 3 and 5), got {kernel_size}.")
@@ -142,28 +161,43 @@ class MedNeXt(SegmentationNetwork):
 
         ours = dataclasses.replace(topology, features_per_stage=tuple(widths))
         self.decoder = UNetDecoder(ours, num_classes, deep_supervision, decoder_stage, merge="add", upsample=upsample)
+        self.bottleneck_head = None
         if official:  # the official heads are 1x1 transposed convolutions (weights (in, out, 1, ..), their init)
-            self.decoder.seg_layers = nn.ModuleList(get_matching_convtransp(conv)(widths[s], num_classes, 1)
-                                                    for s in range(n - 2, -1, -1))
+            head = get_matching_convtransp(conv)
+            self.decoder.seg_layers = nn.ModuleList(head(widths[s], num_classes, 1) for s in range(n - 2, -1, -1))
+            self.bottleneck_head = head(widths[-1], num_classes, 1)
+            self.output_strides = topology.cumulative_strides()
+
+        for block in self.modules():
+            if isinstance(block, MedNeXtBlock):
+                block.checkpointing = self.checkpoints if checkpointing is None else checkpointing
+
+    def forward_features(self, x: torch.Tensor):
+        skips = self.encoder(x)
+        out = self.decoder(skips)
+        if self.bottleneck_head is None or not self.decoder.deep_supervision:
+            return out
+        return [*out, self.bottleneck_head(skips[-1])]
 
 
-def _sized(size: str, description: str) -> type[MedNeXt]:
+def _sized(size: str, description: str, checkpoints: bool) -> type[MedNeXt]:
     return type(f"MedNeXt{size}", (MedNeXt,), {"__module__": __name__, "__qualname__": f"MedNeXt{size}", "size": size,
+                                              "checkpoints": checkpoints,
                                               "__doc__": f"MedNeXt-{size}: {description}.\n\n{MedNeXt.__doc__}"})
 
 
-MedNeXtS = _sized("S", "expansion 2, two blocks per stage")
-MedNeXtB = _sized("B", "expansion 2, 3, then 4; two blocks per stage")
-MedNeXtM = _sized("M", "expansion 2, 3, then 4; 3, 4, then 4 blocks per stage")
-MedNeXtL = _sized("L", "expansion 3, 4, then 8; 3, 4, then 8 blocks per stage")
+MedNeXtS = _sized("S", "expansion 2, two blocks per stage", checkpoints=False)
+MedNeXtB = _sized("B", "expansion 2, 3, then 4; two blocks per stage", checkpoints=False)
+MedNeXtM = _sized("M", "expansion 2, 3, then 4; 3, 4, then 4 blocks per stage; gradient checkpointing",
+                  checkpoints=True)
+MedNeXtL = _sized("L", "expansion 3, 4, then 8; 3, 4, then 8 blocks per stage; gradient checkpointing",
+                  checkpoints=True)
 
 
 def from_official(state, ours=None) -> dict[str, torch.Tensor]:
     """The official network's state dict (MedNeXt of any size, 2D or 3D, 5 stages) as the `official` preset's.
-    Dropped: `dummy_tensor` (a parameter the official code feeds its gradient checkpointing, unused otherwise)
-    and `out_4`, the head on the bottleneck that the official v1 trainer supervises and nnU-Net 2.8's deep
-    supervision has no target for (docs/mednext.md)."""
-    state = {k: v for k, v in state.items() if k != "dummy_tensor" and not k.startswith("out_4.")}
+    Dropped: `dummy_tensor`, a parameter the official code feeds its gradient checkpointing, unused otherwise."""
+    state = {k: v for k, v in state.items() if k != "dummy_tensor"}
     last = 4  # the official network's stages 0-3 and its bottleneck; its stage s is our decoder's entry 3 - s
     return rename_state_dict(state, [
         (r"^stem\.", "encoder.stem."),
@@ -172,5 +206,6 @@ def from_official(state, ours=None) -> dict[str, torch.Tensor]:
         (r"^down_(\d)\.", r"encoder.down.\1."),
         (r"^up_(\d)\.", lambda m: f"decoder.transpconvs.{last - 1 - int(m.group(1))}."),
         (r"^dec_block_(\d)\.", lambda m: f"decoder.stages.{last - 1 - int(m.group(1))}."),
+        (rf"^out_{last}\.conv_out\.", "bottleneck_head."),
         (r"^out_(\d)\.conv_out\.", lambda m: f"decoder.seg_layers.{last - 1 - int(m.group(1))}."),
     ])

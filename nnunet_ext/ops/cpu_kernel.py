@@ -283,11 +283,13 @@ class CompiledScan(torch.autograd.Function):
                 None if D is None else dD.sum(0), dz, None if delta_bias is None else ddelta_bias.sum(0), None)
 
 
-def _row_calls(function, rows: int, *args) -> list:
-    """`function(*args[:3], first row, end row, *args[3:])` over `rows` rows cut into one piece per thread."""
+def _row_calls(function, rows: int, sizes: tuple, tensors: tuple) -> list:
+    """`function(*sizes, first row, end row, *pointers to tensors)` over `rows` rows cut into one piece per
+    thread: the C loops' signature."""
     pieces = max(1, min(rows, torch.get_num_threads()))
     bounds = [rows * i // pieces for i in range(pieces + 1)]
-    return [partial(function, *args[:3], lo, hi, *args[3:]) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+    pointers = [_ptr(t) for t in tensors]
+    return [partial(function, *sizes, lo, hi, *pointers) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
 
 
 def b_spline_forward(x: torch.Tensor, start: torch.Tensor, step: torch.Tensor, matrix: torch.Tensor,
@@ -297,8 +299,8 @@ def b_spline_forward(x: torch.Tensor, start: torch.Tensor, step: torch.Tensor, m
     ((k + 1) x (k + 1)); all float32 and contiguous."""
     order = matrix.shape[0] - 1
     bases = x.new_empty(*x.shape, intervals - order)
-    _parallel(_row_calls(_load()[0].bspline_forward, x.shape[0], x.shape[1], intervals, order,
-                         *(_ptr(t) for t in (x, start, step, matrix, bases))))
+    _parallel(_row_calls(_load()[0].bspline_forward, x.shape[0], (x.shape[1], intervals, order),
+                         (x, start, step, matrix, bases)))
     return bases
 
 
@@ -306,6 +308,6 @@ def b_spline_backward(x: torch.Tensor, start: torch.Tensor, step: torch.Tensor, 
                       intervals: int, grad: torch.Tensor) -> torch.Tensor:
     """The gradient in x (rows, features) from the bases' gradient `grad`, as `b_spline_forward` laid them out."""
     grad_x = torch.empty_like(x)
-    _parallel(_row_calls(_load()[0].bspline_backward, x.shape[0], x.shape[1], intervals, matrix.shape[0] - 1,
-                         *(_ptr(t) for t in (x, start, step, matrix, grad.contiguous(), grad_x))))
+    _parallel(_row_calls(_load()[0].bspline_backward, x.shape[0], (x.shape[1], intervals, matrix.shape[0] - 1),
+                         (x, start, step, matrix, grad.contiguous(), grad_x)))
     return grad_x

@@ -1,6 +1,8 @@
 """`nnunet-ext import-official`: a checkpoint written by an architecture's official code becomes a fold
 folder of its `official` preset's trainer (nnUNetTrainer<Arch>Official), which stock
-`nnUNetv2_predict -tr ...` predicts with and `nnUNetv2_train ... -pretrained_weights` starts from.
+`nnUNetv2_predict -tr ...` predicts with and `nnUNetv2_train ... -pretrained_weights` starts from. Where the
+official code has several networks (MedNeXt's kernel 3 and 5), the presets named official_* are tried too,
+and the one the checkpoint fits is written (MedNeXt's `official_k5`: nnUNetTrainerMedNeXt<X>OfficialK5).
 
 A downloaded checkpoint is untrusted. It is read with `torch.load(weights_only=True)`, which rebuilds
 tensors and plain containers only (and numpy's scalars and dtypes, which nnU-Net's training logs hold):
@@ -96,9 +98,15 @@ def first_mismatch(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor
     return f"the checkpoint has {len(extra)} tensors this network does not, first '{extra[0]}'" if extra else None
 
 
+def official_presets(arch) -> list[str]:
+    """The presets that build an official network: `official`, then those named official_*."""
+    return [p for p in arch.presets if p == "official"] + [p for p in arch.presets if p.startswith("official_")]
+
+
 def import_official(architecture: str, checkpoint: Path, dataset: str, configuration: str, plans: str = "nnUNetPlans",
-                    fold: str = "0", overwrite: bool = False) -> Path:
-    """Write the fold folder; returns its checkpoint_final.pth. Raises ImportRefused before writing anything."""
+                    fold: str = "0", overwrite: bool = False) -> tuple[Path, str]:
+    """Write the fold folder; returns its checkpoint_final.pth and the trainer it belongs to. Raises
+    ImportRefused before writing anything."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
@@ -110,22 +118,29 @@ def import_official(architecture: str, checkpoint: Path, dataset: str, configura
         raise ImportRefused(f"fold must be a number or 'all', got '{fold}'.")
     state = read_state_dict(checkpoint)
     manager, channels, heads = load_configuration(dataset, configuration, plans)
-    network = arch.build(Topology.from_plans(manager), channels, heads, **arch.presets["official"])
-    ours = network.state_dict()
-    state = arch.official_state_dict(state, ours)
-    state = with_zero_heads(ours, state)  # nnU-Net's deep-supervision heads, where the official network has none
-    mismatch = first_mismatch(ours, state)
-    if mismatch:
+    mismatches = {}
+    for preset in official_presets(arch):
+        ours = arch.build(Topology.from_plans(manager), channels, heads, **arch.presets[preset]).state_dict()
+        # nnU-Net's deep-supervision heads, where the official network has none
+        converted = with_zero_heads(ours, arch.official_state_dict(state, ours))
+        mismatches[preset] = first_mismatch(ours, converted)
+        if mismatches[preset] is None:
+            state = converted
+            break
+    else:
         kw = manager.network_arch_init_kwargs
+        others = "".join(f" Nor does it fit {arch.preset_trainer(p)}'s: {m}." for p, m in mismatches.items()
+                         if p != "official")
         raise ImportRefused(
             f"{checkpoint} does not fit {arch.preset_trainer('official')}'s network on {plans} {configuration}: "
-            f"{mismatch}. That network has {kw['n_stages']} stages of {list(kw['features_per_stage'])} features, "
+            f"{mismatches['official']}.{others} That network has {kw['n_stages']} stages of "
+            f"{list(kw['features_per_stage'])} features, "
             f"{channels} input channel(s) and {heads} output(s), on patches of "
             f"{'x'.join(map(str, manager.patch_size))}: "
             "the official network must have been trained on plans of this topology (docs/official.md). Nothing was "
             "written.")
 
-    trainer = arch.preset_trainer("official")
+    trainer = arch.preset_trainer(preset)
     name = maybe_convert_to_dataset_name(dataset)
     folder = Path(get_output_folder(name, trainer, plans, configuration, fold="all" if fold == "all" else int(fold)))
     target = folder / "checkpoint_final.pth"
@@ -151,15 +166,14 @@ def import_official(architecture: str, checkpoint: Path, dataset: str, configura
         "inference_allowed_mirroring_axes": tuple(range(len(manager.patch_size))),
         "imported_from": {"file": str(checkpoint), "architecture": arch.name},
     }, target)
-    return target
+    return target, trainer
 
 
 def main(args) -> int:
-    target = import_official(args.architecture, args.checkpoint, args.dataset, args.configuration, args.plans,
-                             args.fold, args.overwrite)
-    arch = get_architecture(args.architecture)
+    target, trainer = import_official(args.architecture, args.checkpoint, args.dataset, args.configuration,
+                                      args.plans, args.fold, args.overwrite)
     print(f"Written: {target}\nPredict:  nnUNetv2_predict -i INPUT -o OUTPUT -d {args.dataset} -c {args.configuration} "
-          f"-p {args.plans} -tr {arch.preset_trainer('official')} -f {args.fold}\nFine-tune: nnUNetv2_train "
-          f"{args.dataset} {args.configuration} FOLD -p {args.plans} -tr {arch.preset_trainer('official')} "
+          f"-p {args.plans} -tr {trainer} -f {args.fold}\nFine-tune: nnUNetv2_train "
+          f"{args.dataset} {args.configuration} FOLD -p {args.plans} -tr {trainer} "
           f"-pretrained_weights {target}")
     return 0

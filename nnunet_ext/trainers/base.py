@@ -32,6 +32,13 @@ class nnUNetExtTrainer(nnUNetTrainer):
             Topology.from_plans(configuration_manager), num_input_channels, num_output_channels,
             deep_supervision=enable_deep_supervision, **cls.network_options)
 
+    def _get_deep_supervision_scales(self):
+        """A target scale per output of the network: nnU-Net's own (one per decoder stage) but where the network
+        has more (MedNeXt's official network supervises its bottleneck too)."""
+        if not self.enable_deep_supervision:
+            return None
+        return [[1 / s for s in stride] for stride in self.bare_network().output_strides]
+
     def _do_i_compile(self) -> bool:
         """nnU-Net's answer (on by default on CUDA), unless the architecture's entry says why it cannot be
         compiled well; then the training log says so, once."""

@@ -6,6 +6,7 @@ Every other architecture trains with nnU-Net's SGD and poly schedule (nnunet_ext
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
@@ -53,7 +54,9 @@ class TransformerRecipe(nnUNetExtTrainer):
 
 class MedNeXtRecipe(nnUNetExtTrainer):
     """MedNeXt's official recipe (nnUNetTrainerV2_Optim_and_LR): AdamW at lr 1e-3 with eps 1e-4 (1e-8 can give
-    NaN in fp16), weight decay 3e-5, nnU-Net's poly schedule, epochs and gradient clipping (docs/mednext.md)."""
+    NaN in fp16), weight decay 3e-5, nnU-Net's poly schedule, epochs and gradient clipping (docs/mednext.md).
+    The official network (its `official` presets) is supervised as that trainer does: every output, the
+    bottleneck's included, weighted 1, 1/2, 1/4, ... (normalised), where nnU-Net zeroes the lowest one's."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -64,3 +67,10 @@ class MedNeXtRecipe(nnUNetExtTrainer):
         optimizer = torch.optim.AdamW(self.network.parameters(), self.initial_lr, eps=1e-4,
                                       weight_decay=self.weight_decay)
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    def _build_loss(self):
+        loss = super()._build_loss()
+        if self.enable_deep_supervision and self.bare_network().bottleneck_head is not None:
+            weights = 0.5 ** np.arange(len(loss.weight_factors))
+            loss.weight_factors = tuple(weights / weights.sum())
+        return loss
