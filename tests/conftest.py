@@ -208,6 +208,13 @@ def rotation_key() -> int:
     return int(head.stdout[:8], 16) if head.returncode == 0 else 0
 
 
+def architectures_in_turn(count: int) -> list[str]:
+    """`count` successive registered architectures, starting where the rotation key points: for a slow test that
+    runs a few of them per run, successive commits taking each in turn."""
+    names, key = list(ARCHITECTURES), rotation_key()
+    return [names[(key + i) % len(names)] for i in range(count)]
+
+
 def rotation(cases: list[tuple[str, str]], key: int) -> set[tuple[str, str]]:
     """One variant per architecture: the key picks among each architecture's variants, offset by the
     architecture's position so that one run mixes variants."""

@@ -11,11 +11,10 @@ import shutil
 import pytest
 import torch
 
-from conftest import rotation_key
+from conftest import architectures_in_turn
 from nnunet_ext.ops import selective_scan_fn
 from nnunet_ext.ops.reference import selective_scan_loop
 from nnunet_ext.ops.selective_scan import pytorch_paths_only
-from nnunet_ext.registry import ARCHITECTURES
 from nnunet_ext.tools import benchmark as bm, benchmark_dlka, benchmark_kan, benchmark_scan as scan
 from nnunet_ext.tools.cli import main
 from nnunet_ext.tools.measure import isolated
@@ -50,8 +49,7 @@ def test_a_killed_measurement_process_is_an_error_not_a_hang():
 
 
 def test_benchmark_command_compares_with_nnunets_network_and_primus(planned, tmp_path):
-    registered = list(ARCHITECTURES)  # two per run, chosen by the rotation key: successive commits take each in turn
-    chosen = [registered[(rotation_key() + i) % len(registered)] for i in range(2)]
+    chosen = architectures_in_turn(2)
     out = cli("benchmark", "-d", "999", "-c", "3d_fullres", "-a", *chosen, "--repeats", "1", "-o", str(tmp_path),
               env=planned.env())
     assert out.returncode == 0, out.stderr

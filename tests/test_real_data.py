@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import rotation_key
+from conftest import architectures_in_turn
 from nnunet_ext.tools import real_data
 from nnunet_ext.tools.cli import main
 from nnunet_ext.registry import ARCHITECTURES
@@ -120,8 +120,7 @@ def test_unknown_dataset_is_a_clear_error(capsys):
 
 @pytest.mark.e2e
 def test_ci_slice_trains_an_architecture_above_a_floor_no_constant_prediction_reaches(tmp_path, raw, cache):
-    names = list(ARCHITECTURES)
-    trainers = [f"{ARCHITECTURES[names[rotation_key() % len(names)]].trainer}_demo"]  # successive commits: all
+    trainers = [f"{ARCHITECTURES[name].trainer}_demo" for name in architectures_in_turn(1)]
     dataset = real_data.DATASETS["Nuclei2D"]
     shutil.copytree(raw / dataset.folder_name, tmp_path / "nnUNet_raw" / dataset.folder_name)
 
