@@ -18,15 +18,24 @@ import inspect
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from nnunet_ext import memory_models
 from nnunet_ext.errors import ConfigurationError
 
-# Short schedules every trainer also comes in, as `<trainer>_<name>`: (epochs, training iterations per
-# epoch, validation iterations per epoch). `real` is the CPU schedule of `nnunet-ext real-data`
-# (docs/results.md: under an hour per dataset on 2 cores).
-SCHEDULES = {"debug": (1, 5, 2), "demo": (4, 10, 3), "real": (12, 10, 2)}
+class Schedule(NamedTuple):
+    """A short schedule every trainer also comes in, as `<trainer>_<name>`."""
+    epochs: int
+    iterations: int  # training iterations per epoch
+    val_iterations: int  # validation iterations per epoch
+    # Test-time mirroring in the final validation and in nnUNetv2_predict (nnU-Net's: every axis). Off,
+    # a 3D patch is predicted once instead of 8 times; training's mirroring augmentation is unchanged.
+    mirroring: bool = True
+
+
+# `debug` proves the commands (tests), without test-time mirroring; `real` is the CPU schedule of
+# `nnunet-ext real-data` (docs/results.md: under an hour per dataset on 2 cores).
+SCHEDULES = {"debug": Schedule(1, 5, 2, mirroring=False), "demo": Schedule(4, 10, 3), "real": Schedule(12, 10, 2)}
 
 # The arguments every network class takes before its options.
 NETWORK_ARGUMENTS = ("self", "topology", "input_channels", "num_classes", "deep_supervision")

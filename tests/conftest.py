@@ -209,10 +209,14 @@ def rotation_key() -> int:
 
 
 def architectures_in_turn(count: int) -> list[str]:
-    """`count` successive registered architectures, starting where the rotation key points: for a slow test that
-    runs a few of them per run, successive commits taking each in turn."""
-    names, key = list(ARCHITECTURES), rotation_key()
-    return [names[(key + i) % len(names)] for i in range(count)]
+    """`count` registered architectures of successive families (the registry's `family`; an architecture without
+    one is its own), starting where the rotation key points, and the key's variant of each family: for a slow test
+    that runs a few of them per run, successive commits taking each in turn, a family no more often than another."""
+    families: dict[str, list[str]] = {}
+    for name, arch in ARCHITECTURES.items():
+        families.setdefault(arch.family or name, []).append(name)
+    turns, key = list(families.values()), rotation_key()
+    return [variants[key % len(variants)] for variants in (turns[(key + i) % len(turns)] for i in range(count))]
 
 
 def rotation(cases: list[tuple[str, str]], key: int) -> set[tuple[str, str]]:

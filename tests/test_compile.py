@@ -55,7 +55,10 @@ def test_inductor_gives_eagers_training_step_and_output_in_one_graph(name, prese
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=0)
     scale = max(g.abs().max().item() for g in eager_grads.values())
     for key, expected in eager_grads.items():
-        torch.testing.assert_close(grads[key], expected, rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{key}: {m}")
+        # Within 1e-4 of the largest gradient: float32 rounding alone takes inductor's gradients that far from
+        # float64's (MedNeXt-L k5 here: 1.2e-4, eager 3.6e-5; a bias before MedNeXt's per-channel GroupNorm, whose
+        # gradient is zero in exact arithmetic, 4e-5 against eager's 2e-6). A wrong gradient is off by its size.
+        torch.testing.assert_close(grads[key], expected, rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"{key}: {m}")
     net.eval()
     with torch.no_grad():
         for out, expected in zip(compiled(x), net(x)):

@@ -51,6 +51,7 @@ def test_training_finished_with_finite_losses(trained):
     assert checkpoint["trainer_name"] == trainer
     logging = checkpoint["logging"]
     assert len(logging["train_losses"]) == 1  # the debug schedule: one epoch
+    assert checkpoint["inference_allowed_mirroring_axes"] is None  # and no test-time mirroring
     assert all(math.isfinite(v) for v in logging["train_losses"] + logging["val_losses"])
     assert math.isfinite(ws.validation_dice(ws.dataset, trainer, configuration, plans=plans)["foreground_mean"])
 
@@ -72,7 +73,8 @@ def test_predict_from_final_checkpoint_keeps_geometry_and_matches_validation(tra
     ws.run("nnUNetv2_evaluate_simple", raw / "labelsTr", outputs, "-l", "1", "2", "-np", "1", "--chill")
     ours = json.loads((outputs / "summary.json").read_text())["foreground_mean"]["Dice"]
     nnunet_validation = ws.validation_dice(ws.dataset, trainer, configuration, plans=plans)["foreground_mean"]
-    # Same network, cases and sliding window with mirroring: the stock predictor must reproduce validation.
+    # Same network, cases and sliding window (the checkpoint's mirroring: none): the stock predictor must reproduce
+    # validation.
     assert ours == pytest.approx(nnunet_validation, abs=0.01)
 
 

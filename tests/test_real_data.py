@@ -12,6 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from conftest import architectures_in_turn
 from nnunet_ext.tools import real_data
@@ -144,4 +145,7 @@ def test_ci_slice_trains_an_architecture_above_a_floor_no_constant_prediction_re
             real_data.run(tmp_path, ["Nuclei2D"], [trainer], cache, folds=[0])
             dice = ws.validation_dice(dataset.folder_name, trainer, dataset.configuration)["foreground_mean"]
         assert dice > DICE_FLOOR, f"{trainer} reached Dice {dice:.3f} on real nuclei, twice below {DICE_FLOOR}"
+        fold = ws.fold_dir(dataset.folder_name, trainer, dataset.configuration, 0)
+        checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+        assert checkpoint["inference_allowed_mirroring_axes"] == (0, 1)  # the demo schedule mirrors as nnU-Net
     assert any(reports["Nuclei2D"].glob("compare_*.md"))

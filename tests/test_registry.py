@@ -40,10 +40,10 @@ def test_every_entry_makes_its_trainers(name):
         assert issubclass(preset_trainer, trainer) and preset_trainer.network_options == dict(options)
         assert set(options) <= set(arch.options())
     for base in arch.trainers():
-        for suffix, (epochs, iterations, _) in SCHEDULES.items():
+        for suffix, schedule in SCHEDULES.items():
             short = getattr(trainers, f"{base}_{suffix}")
             assert short.__bases__ == (getattr(trainers, base),)
-            assert f"{epochs} epoch(s) of {iterations}" in short.__doc__
+            assert f"{schedule.epochs} epoch(s) of {schedule.iterations}" in short.__doc__
     assert set(arch.trainer_names()) <= set(trainers.__all__)
 
 

@@ -21,6 +21,7 @@ from dynamic_network_architectures.building_blocks.residual import BasicBlockD
 from nnunet_ext.blocks import layers
 from nnunet_ext.errors import ConfigurationError
 from nnunet_ext.ops.deform_conv import deform_conv
+from nnunet_ext.ops.channels_last import depthwise_conv
 
 # Where the deformation goes: "none" is plain LKA; "depthwise" makes both depthwise convolutions
 # deformable (the paper's 2D D-LKA); "extra" adds one deformable 3^d convolution after them (3D).
@@ -93,13 +94,11 @@ class LKA(nn.Module):
         self.conv_spatial = depthwise(7, padding=9, dilation=3)
         self.deform_conv = DeformableConv(conv_op, channels, channels, 3, padding=1) if deformable == "extra" else None
         self.conv1 = conv_op(channels, channels, 1)
-        # On CPU, oneDNN's depthwise 3D convolutions take half the time, forward and backward, on channels-last
-        # maps (the conversions cost a copy each); in 2D, and for the deformable ones, they gain nothing.
-        self.channels_last = convert_conv_op_to_dim(conv_op) == 3 and deformable != "depthwise"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.contiguous(memory_format=torch.channels_last_3d) if self.channels_last and x.device.type == "cpu" else x
-        attention = self.conv_spatial(self.conv0(h)).contiguous()
+        # 3D on the CPU: on channels-last maps, differentiated by nnunet_ext.ops.channels_last (conv_spatial's
+        # backward takes a seventh of oneDNN's); the deformable ones run as they are.
+        attention = depthwise_conv(self.conv_spatial, depthwise_conv(self.conv0, x)).contiguous()
         if self.deform_conv is not None:
             attention = self.deform_conv(attention)
         return x * self.conv1(attention)

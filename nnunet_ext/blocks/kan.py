@@ -23,6 +23,7 @@ from dynamic_network_architectures.building_blocks.regularization import DropPat
 from nnunet_ext.blocks import layers
 from nnunet_ext.errors import ConfigurationError
 from nnunet_ext.ops.b_spline import b_spline_bases, equally_spaced, fit_spline_coefficients, uniform_grid
+from nnunet_ext.ops.channels_last import depthwise_conv
 
 TokenMixer = Literal["kan", "mlp"]  # KANLinear, or nn.Linear (the paper's ablation)
 TOKEN_MIXERS = get_args(TokenMixer)
@@ -271,7 +272,9 @@ class TokenizedKANLayer(nn.Module):
         for i, (fc, dwconv) in enumerate(zip(self.fc, self.dwconv)):
             if self.token_shift:
                 x = shift_tokens(x, i % self.dim)
-            x = dwconv(fc(x.movedim(1, -1)).movedim(-1, 1))
+            convolve, norm_and_nonlin = dwconv[0], dwconv[1:]
+            # fc's tokens moved back are a channels-last map, which depthwise_conv takes as it is (3D, CPU)
+            x = norm_and_nonlin(depthwise_conv(convolve, fc(x.movedim(1, -1)).movedim(-1, 1)))
         return x
 
 

@@ -1,18 +1,20 @@
 """The compiled CPU loops (csrc/): a Mamba layer's selective scan with everything around it and its causal
-convolution with its SiLU (mamba.c), and the B-spline bases of a KAN layer on equally spaced knots
-(b_spline.c); compiled on first use into one library, called through ctypes.
+convolution with its SiLU (mamba.c), the B-spline bases of a KAN layer on equally spaced knots
+(b_spline.c), and the weight gradient of a depthwise convolution (depthwise.c); compiled on first use into
+one library, called through ctypes.
 
 A C compiler is all it needs: no PyTorch headers, no ninja, about a second to build. The library is
 cached under NNUNET_EXT_CACHE (default ~/.cache/nnunet_ext), named by a hash of the sources, the flags
 and the CPU, so a cluster sharing one home folder never loads a build for another processor.
-Without a compiler `selective_scan_fn`, `causal_conv1d_silu` and `b_spline_bases` keep their PyTorch
-paths, and `cpu_kernel_off_reason` says why.
+Without a compiler `selective_scan_fn`, `causal_conv1d_silu`, `b_spline_bases` and `depthwise_conv` keep
+their PyTorch paths, and `cpu_kernel_off_reason` says why.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shlex
@@ -31,7 +33,8 @@ _CSRC = Path(__file__).with_name("csrc")
 # compile step only: linked with it, gcc before 13 adds crtfastmath.o, which switches the whole process
 # to flushing denormals when the library loads. -march=native is safe because the cache key names the CPU.
 SOURCES = {_CSRC / "mamba.c": ["-O3", "-ffast-math", "-march=native", "-fPIC", "-c"],
-           _CSRC / "b_spline.c": ["-O3", "-march=native", "-fPIC", "-c"]}
+           _CSRC / "b_spline.c": ["-O3", "-march=native", "-fPIC", "-c"],
+           _CSRC / "depthwise.c": ["-O3", "-march=native", "-fPIC", "-c"]}
 LINK_FLAGS = ["-shared"]
 CHUNK = 64  # positions whose states backward recomputes at once: (CHUNK + 1) x d_state floats stay in L1
 _ENV = "NNUNET_EXT_CPU_KERNEL"
@@ -85,7 +88,7 @@ def _build(compiler: list[str], library: Path) -> str | None:
                             + "; install a working gcc or set CC")
             os.replace(built, library)
     except OSError as e:  # no such compiler, or a cache folder we cannot write
-        return (f"cannot build {' and '.join(source.name for source in SOURCES)} with {shlex.join(compiler)!r} in "
+        return (f"cannot build {', '.join(source.name for source in SOURCES)} with {shlex.join(compiler)!r} in "
                 f"{library.parent} ({e}); install gcc or set CC, and point NNUNET_EXT_CACHE to a writable folder")
     return None
 
@@ -116,8 +119,9 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.conv_backward.argtypes = [ctypes.POINTER(_Dims), i64, i64, i64] + [ptr] * 7
     lib.bspline_forward.argtypes = [i64] * 5 + [ptr] * 5
     lib.bspline_backward.argtypes = [i64] * 5 + [ptr] * 6
+    lib.depthwise_grad_weight.argtypes = [ptr, i64, i64, ptr, ptr, ptr]
     for function in (lib.scan_forward, lib.scan_backward, lib.conv_forward, lib.conv_backward,
-                     lib.bspline_forward, lib.bspline_backward):
+                     lib.bspline_forward, lib.bspline_backward, lib.depthwise_grad_weight):
         function.restype = None
     return lib, None
 
@@ -311,3 +315,19 @@ def b_spline_backward(x: torch.Tensor, start: torch.Tensor, step: torch.Tensor, 
     _parallel(_row_calls(_load()[0].bspline_backward, x.shape[0], (x.shape[1], intervals, matrix.shape[0] - 1),
                          (x, start, step, matrix, grad.contiguous(), grad_x)))
     return grad_x
+
+
+def depthwise_grad_weight(x: torch.Tensor, grad: torch.Tensor, kernel: tuple, padding: tuple,
+                          dilation: tuple) -> torch.Tensor:
+    """The weight gradient (C, 1, *kernel) of a depthwise 3D convolution of stride 1 of x (N, C, D, H, W) that
+    gave the output gradient `grad` (N, C, *output's D, H, W): float32, both channels-last."""
+    (batch, channels, *spatial), output = x.shape, grad.shape[2:]
+    shape = (ctypes.c_int64 * 16)(channels, *spatial, *output, *kernel, *padding, *dilation)
+    rows = batch * output[0] * output[1]
+    pieces = max(1, min(rows, torch.get_num_threads()))
+    bounds = [rows * i // pieces for i in range(pieces + 1)]
+    sums = x.new_empty(pieces, math.prod(kernel), channels)  # each piece's own sums, added below
+    function = _load()[0].depthwise_grad_weight
+    _parallel([partial(function, shape, lo, hi, _ptr(x), _ptr(grad), _ptr(sums[i]))
+               for i, (lo, hi) in enumerate(zip(bounds, bounds[1:]))])
+    return sums.sum(0).t().reshape(channels, 1, *kernel)

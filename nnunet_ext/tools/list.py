@@ -21,5 +21,6 @@ def main(args) -> int:
                      "yes" if 3 in arch.dims else "no", paths, arch.summary])
     print(text_table(rows))
     print("\nShort-schedule variants (tests, demos, real-data), also of nnUNetTrainer: "
-          + ", ".join(f"<trainer>_{s} ({e} epoch(s) x {i} iterations)" for s, (e, i, _) in SCHEDULES.items()))
+          + ", ".join(f"<trainer>_{name} ({s.epochs} epoch(s) x {s.iterations} iterations"
+                      f"{'' if s.mirroring else ', no test-time mirroring'})" for name, s in SCHEDULES.items()))
     return 0

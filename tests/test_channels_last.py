@@ -1,0 +1,118 @@
+"""Depthwise 3D convolutions of stride 1 on channels-last CPU maps (nnunet_ext.ops.channels_last): output and
+gradients against PyTorch's convolution in float64, on the compiled weight-gradient loop and without it, for the
+kernels the networks use (MedNeXt's 3 and 5, LKA's 5 and dilated 7, anisotropic stages' 1x3x3); and the
+per-channel GroupNorm of such maps against PyTorch's in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import torch.nn.functional as F
+
+from nnunet_ext.ops.channels_last import depthwise_conv, group_norm
+
+CASES = {  # kernel, padding, dilation, channels, spatial
+    "mednext-k3": (3, 1, 1, 16, (9, 10, 11)),
+    "mednext-k5": (5, 2, 1, 5, (6, 7, 5)),
+    "lka-conv0": (5, 2, 1, 20, (4, 9, 6)),
+    "lka-conv-spatial": (7, 9, 3, 3, (8, 5, 12)),
+    "anisotropic": ((1, 3, 3), (0, 1, 1), 1, 17, (3, 8, 9)),
+    "valid": (3, 0, 1, 4, (5, 6, 7)),  # no padding: a smaller output
+}
+
+
+def convolution(case: str, bias: bool, seed: int = 0) -> nn.Conv3d:
+    kernel, padding, dilation, channels, _ = CASES[case]
+    torch.manual_seed(seed)
+    conv = nn.Conv3d(channels, channels, kernel, padding=padding, dilation=dilation, groups=channels, bias=bias)
+    with torch.no_grad():  # bias too, so that a wrong bias gradient shows
+        for p in conv.parameters():
+            p.normal_()
+    return conv
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_output_and_gradients_match_float64(case, bias, cpu_path):
+    conv = convolution(case, bias)
+    x = torch.randn(2, conv.in_channels, *CASES[case][4], requires_grad=True)
+    out = depthwise_conv(conv, x)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert (type(out.grad_fn).__name__ == "_DepthwiseConvBackward") == (cpu_path == "compiled")
+    grad = torch.randn_like(out).contiguous()  # a channels-first gradient, as a loss can give
+    out.backward(grad)
+
+    reference = convolution(case, bias).double()
+    x64 = x.detach().double().requires_grad_()
+    expected = reference(x64)
+    expected.backward(grad.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    pairs = [(x.grad, x64.grad), (conv.weight.grad, reference.weight.grad)]
+    pairs += [(conv.bias.grad, reference.bias.grad)] if bias else []
+    for ours, theirs in pairs:
+        scale = theirs.abs().max()
+        torch.testing.assert_close(ours.double() / scale, theirs / scale, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("make, x", [
+    (lambda: nn.Conv3d(4, 4, 3, stride=2, padding=1, groups=4), torch.randn(1, 4, 6, 6, 6)),  # strided
+    (lambda: nn.Conv3d(4, 8, 3, padding=1, groups=4), torch.randn(1, 4, 5, 5, 5)),  # not depthwise
+    (lambda: nn.Conv3d(4, 4, 3, padding=3, groups=4), torch.randn(1, 4, 5, 5, 5)),  # more padding than taps
+    (lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4), torch.randn(1, 4, 9, 9)),  # 2D
+    (lambda: nn.Conv3d(4, 4, 3, padding=1, groups=4).double(), torch.randn(1, 4, 5, 5, 5).double()),
+])
+def test_other_convolutions_run_as_they_are(make, x):
+    conv = make()
+    x.requires_grad_()
+    out = depthwise_conv(conv, x)
+    assert type(out.grad_fn).__name__ != "_DepthwiseConvBackward"
+    torch.testing.assert_close(out, conv(x))
+
+
+def test_inference_runs_the_convolution_on_channels_last_maps():
+    conv = convolution("mednext-k3", bias=True)
+    x = torch.randn(1, conv.in_channels, *CASES["mednext-k3"][4])
+    with torch.no_grad():
+        out = depthwise_conv(conv, x)
+        torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_group_norm_is_exact_on_channels_last_maps_where_pytorchs_is_not():
+    """A channel of mean 3 and deviation 0.01: PyTorch's CPU GroupNorm on the channels-last map is off by whole
+    units (E[x^2] - E[x]^2 in float32); group_norm matches float64 in output and every gradient."""
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(6, 6)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    x = (torch.randn(2, 6, 5, 8, 7) * 0.01 + 3).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    reference = nn.GroupNorm(6, 6).double()
+    reference.load_state_dict(norm.state_dict())
+    x64 = x.detach().double().requires_grad_()
+    expected = reference(x64)
+    assert (norm(x).double() - expected).abs().max() > 0.1  # the reason group_norm exists
+
+    out = group_norm(norm, x)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    grad = torch.randn_like(out).contiguous()
+    out.backward(grad)
+    expected.backward(grad.double())
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-4)
+    for ours, theirs in [(x.grad, x64.grad), (norm.weight.grad, reference.weight.grad),
+                         (norm.bias.grad, reference.bias.grad)]:
+        scale = theirs.abs().max()
+        torch.testing.assert_close(ours.double() / scale, theirs / scale, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("groups, layout, dtype", [(3, "channels_last", torch.float32),  # groups of two channels
+                                                   (6, "contiguous", torch.float32),
+                                                   (6, "channels_last", torch.float64)])
+def test_group_norm_of_other_norms_and_maps_is_groupnorm(groups, layout, dtype):
+    norm = nn.GroupNorm(groups, 6).to(dtype)
+    x = torch.randn(2, 6, 4, 5, 6, dtype=dtype) * 0.01 + 3
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    expected = F.group_norm(x.double().contiguous(), groups, norm.weight.double(), norm.bias.double())
+    torch.testing.assert_close(group_norm(norm, x).double(), expected, rtol=0, atol=1e-4)
