@@ -8,12 +8,13 @@ and, in training on float32 CPU tensors, differentiates it itself (`_DepthwiseCo
 the convolution of the output gradient with the kernel flipped, one more fast forward, and the weight gradient
 is the compiled loop `cpu_kernel.depthwise_grad_weight` (9 ms there, against oneDNN's 72). The numbers are the
 convolution's up to the order of the sums (tests/test_channels_last.py checks both gradients against float64).
-In 2D oneDNN's kernels are fast on either layout and the loop gains nothing: 2D convolutions run as they are.
+In 2D oneDNN's kernels are fast on either layout (its weight gradient beat the loop, 0.15 ms against 0.42 at
+2x32x96x80): 2D convolutions run as they are.
 
 PyTorch's CPU GroupNorm loses the variance of a channels-last map to cancellation (torch 2.14): on channels of
 mean 3 and deviation 0.01 its output is off by up to 17 from float64's, against 7e-5 on the channels-first map.
-`group_norm` normalises such maps itself (one group per channel: `_ChannelNorm`, the variance from
-`torch.var_mean`), or a channels-first copy.
+`group_norm` normalises such maps itself (one group per channel: `_ChannelNorm`, the variance in two passes),
+or a channels-first copy.
 """
 
 from __future__ import annotations
