@@ -1,7 +1,7 @@
-"""Depthwise 3D convolutions of stride 1 on channels-last CPU maps (nnunet_ext.ops.channels_last): output and
-gradients against PyTorch's convolution in float64, on the compiled weight-gradient loop and without it, for the
-kernels the networks use (MedNeXt's 3 and 5, LKA's 5 and dilated 7, anisotropic stages' 1x3x3); and the
-per-channel GroupNorm of such maps against PyTorch's in float64."""
+"""Depthwise 3D convolutions, strided and transposed too, on channels-last CPU maps (nnunet_ext.ops.channels_last):
+output and gradients against PyTorch's convolution in float64, on the compiled weight-gradient loop and without
+it, for the kernels the networks use (MedNeXt's 3 and 5 and its down and up blocks, LKA's 5 and dilated 7,
+anisotropic stages' 1x3x3); and the per-channel GroupNorm of such maps against PyTorch's in float64."""
 
 from __future__ import annotations
 
@@ -13,20 +13,31 @@ import torch.nn.functional as F
 
 from nnunet_ext.ops.channels_last import depthwise_conv, group_norm
 
-CASES = {  # kernel, padding, dilation, channels, spatial
+CASES = {  # kernel, padding, dilation, channels, spatial, then the stride and the transposed convolution's
+    # output padding (None: not transposed) where they are not 1 and None
     "mednext-k3": (3, 1, 1, 16, (9, 10, 11)),
     "mednext-k5": (5, 2, 1, 5, (6, 7, 5)),
     "lka-conv0": (5, 2, 1, 20, (4, 9, 6)),
     "lka-conv-spatial": (7, 9, 3, 3, (8, 5, 12)),
     "anisotropic": ((1, 3, 3), (0, 1, 1), 1, 17, (3, 8, 9)),
     "valid": (3, 0, 1, 4, (5, 6, 7)),  # no padding: a smaller output
+    "mednext-down": (3, 1, 1, 16, (9, 10, 11), 2),  # odd sizes: the last position is not reached
+    "mednext-down-k5-anisotropic": (5, 2, 1, 5, (4, 9, 8), (1, 2, 2)),
+    "down-dilated": (3, 2, 2, 3, (7, 8, 9), 2),
+    "mednext-up": (3, 1, 1, 16, (4, 5, 6), 2, 0),
+    "mednext-up-k5-anisotropic": (5, 2, 1, 5, (4, 3, 5), (1, 2, 2), 0),
+    "up-output-padding": (3, 1, 1, 4, (3, 4, 5), 2, (1, 0, 1)),
+    "up-dilated": (3, 2, 2, 3, (3, 4, 5), 2, 1),
 }
 
 
-def convolution(case: str, bias: bool, seed: int = 0) -> nn.Conv3d:
-    kernel, padding, dilation, channels, _ = CASES[case]
+def convolution(case: str, bias: bool, seed: int = 0) -> nn.Module:
+    kernel, padding, dilation, channels, _, *rest = CASES[case]
+    stride, output_padding = rest[0] if rest else 1, rest[1] if len(rest) > 1 else None
     torch.manual_seed(seed)
-    conv = nn.Conv3d(channels, channels, kernel, padding=padding, dilation=dilation, groups=channels, bias=bias)
+    common = dict(padding=padding, dilation=dilation, groups=channels, bias=bias, stride=stride)
+    conv = (nn.Conv3d(channels, channels, kernel, **common) if output_padding is None
+            else nn.ConvTranspose3d(channels, channels, kernel, output_padding=output_padding, **common))
     with torch.no_grad():  # bias too, so that a wrong bias gradient shows
         for p in conv.parameters():
             p.normal_()
@@ -57,7 +68,6 @@ def test_output_and_gradients_match_float64(case, bias, cpu_path):
 
 
 @pytest.mark.parametrize("make, x", [
-    (lambda: nn.Conv3d(4, 4, 3, stride=2, padding=1, groups=4), torch.randn(1, 4, 6, 6, 6)),  # strided
     (lambda: nn.Conv3d(4, 8, 3, padding=1, groups=4), torch.randn(1, 4, 5, 5, 5)),  # not depthwise
     (lambda: nn.Conv3d(4, 4, 3, padding=3, groups=4), torch.randn(1, 4, 5, 5, 5)),  # more padding than taps
     (lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4), torch.randn(1, 4, 9, 9)),  # 2D
@@ -71,9 +81,10 @@ def test_other_convolutions_run_as_they_are(make, x):
     torch.testing.assert_close(out, conv(x))
 
 
-def test_inference_runs_the_convolution_on_channels_last_maps():
-    conv = convolution("mednext-k3", bias=True)
-    x = torch.randn(1, conv.in_channels, *CASES["mednext-k3"][4])
+@pytest.mark.parametrize("case", ["mednext-k3", "mednext-down", "mednext-up", "up-output-padding"])
+def test_inference_runs_the_convolution_on_channels_last_maps(case):
+    conv = convolution(case, bias=True)
+    x = torch.randn(1, conv.in_channels, *CASES[case][4])
     with torch.no_grad():
         out = depthwise_conv(conv, x)
         torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-5)
@@ -116,3 +127,19 @@ def test_group_norm_of_other_norms_and_maps_is_groupnorm(groups, layout, dtype):
         x = x.contiguous(memory_format=torch.channels_last_3d)
     expected = F.group_norm(x.double().contiguous(), groups, norm.weight.double(), norm.bias.double())
     torch.testing.assert_close(group_norm(norm, x).double(), expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["mednext-up", "mednext-down", "mednext-k3"])
+def test_flop_counter_counts_the_layers_arithmetic(case):
+    """The benchmark's FLOPs are the network's: a transposed convolution computed over a spread map counts as
+    the transposed convolution (8x fewer multiply-accumulates at stride 2), as PyTorch's own layer counts."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    conv = convolution(case, bias=True)
+    x = torch.randn(1, conv.in_channels, *CASES[case][4])
+    counts = []
+    for layer in (conv, lambda x: depthwise_conv(conv, x)):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            layer(x)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] > 0

@@ -3,8 +3,9 @@
 
 tests/data/state_dict_layouts.json records each architecture's state dict (default options) on a 2D
 and a 3D ResEnc topology, written by commit 256282e, before the registry generated the trainers and
-the networks built their stages through the stage hooks. A change that breaks old checkpoints must
-be a decision: rewrite the file with `python tests/test_checkpoints.py` and say so in the docs. An
+the networks built their stages through the stage hooks; U-Mamba's and MedNeXt's entries were added
+once users could train them from main (after e90e9fa). A change that breaks old checkpoints must be a
+decision: rewrite the file with `python tests/test_checkpoints.py` and say so in the docs. An
 architecture added later joins the file the same way once it has been released.
 """
 

@@ -1,12 +1,15 @@
-"""Depthwise 3D convolutions of stride 1 (MedNeXt's, LKA's, U-KAN's) at oneDNN's forward speed on the CPU,
-backward too; and a GroupNorm (MedNeXt's, one group per channel) that stays exact on the channels-last maps they give.
+"""Depthwise 3D convolutions (MedNeXt's, LKA's, U-KAN's; strided and transposed: MedNeXt's down and up blocks) at
+oneDNN's forward speed on the CPU, backward too; and a GroupNorm (MedNeXt's, one group per channel) that stays
+exact on the channels-last maps they give.
 
 On the CPU, oneDNN's depthwise 3D convolution is fast forward on channels-last maps (3.3 ms against 44 ms on
 channels-first ones at 2x32x40x48x48, kernel 3) but its backward is not: the input gradient takes some ten
 times the forward and the weight gradient twenty. `depthwise_conv` runs such a convolution on channels-last maps
-and, in training on float32 CPU tensors, differentiates it itself (`_DepthwiseConv`): the input gradient is
-the convolution of the output gradient with the kernel flipped, one more fast forward, and the weight gradient
-is the compiled loop `cpu_kernel.depthwise_grad_weight` (9 ms there, against oneDNN's 72). The numbers are the
+and, in training on float32 CPU tensors, differentiates it itself (`_DepthwiseConv`): the input gradient of a
+convolution is the transposed convolution of the output gradient, and that of a transposed convolution the
+convolution; the weight gradient is the compiled loop `cpu_kernel.depthwise_grad_weight` (9 ms at that shape,
+against oneDNN's 72). A transposed convolution is computed as a convolution of stride 1 with the kernel flipped,
+over its input spread onto a zero map at the stride: oneDNN's fast forward again. The numbers are the
 convolution's up to the order of the sums (tests/test_channels_last.py checks both gradients against float64).
 In 2D oneDNN's kernels are fast on either layout (its weight gradient beat the loop, 0.15 ms against 0.42 at
 2x32x96x80): 2D convolutions run as they are.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from nnunet_ext.ops import cpu_kernel
 
@@ -30,57 +34,87 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last_3d)
 
 
-def _convolve(x, weight, bias, padding, dilation):
-    return F.conv3d(x, weight, bias, padding=padding, dilation=dilation, groups=x.shape[1])
+def _strided(x, weight, bias, stride, padding, dilation):
+    """The depthwise convolution of x: oneDNN's fast channels-last forward."""
+    return F.conv3d(x, weight, bias, stride, padding, dilation, groups=x.shape[1])
+
+
+@torch.library.custom_op("nnunet_ext::depthwise_conv_transpose3d", mutates_args=())
+def _transposed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
+                padding: list[int], dilation: list[int], size: list[int]) -> torch.Tensor:
+    """The depthwise transposed convolution of x with output positions `size`: x spread onto a zero map at
+    `stride`, convolved at stride 1 with the kernel flipped. One operator to torch, so that FlopCounterMode
+    counts the transposed convolution's arithmetic (`_transposed_flops`), not the spread map's."""
+    kernel = weight.shape[2:]
+    outer = [d * (k - 1) - p for k, p, d in zip(kernel, padding, dilation)]  # the padding around the spread map
+    spread_size = [n - 2 * o + d * (k - 1) for n, o, d, k in zip(size, outer, dilation, kernel)]
+    spread = x
+    if any(s != 1 for s in stride) or spread_size != list(x.shape[2:]):
+        spread = x.new_zeros(x.shape[0], *spread_size, x.shape[1]).permute(0, 4, 1, 2, 3)  # channels-last
+        spread[:, :, :(x.shape[2] - 1) * stride[0] + 1:stride[0], :(x.shape[3] - 1) * stride[1] + 1:stride[1],
+               :(x.shape[4] - 1) * stride[2] + 1:stride[2]] = x
+    return _strided(spread, weight.flip([2, 3, 4]), bias, 1, outer, dilation)
+
+
+@register_flop_formula(torch.ops.nnunet_ext.depthwise_conv_transpose3d)
+def _transposed_flops(x_shape, w_shape, *_, out_shape, **__) -> int:
+    return conv_flop_count(x_shape, w_shape, out_shape, transposed=True)
 
 
 class _DepthwiseConv(torch.autograd.Function):
-    """A depthwise 3D convolution of stride 1 of a channels-last float32 CPU map x, differentiated as the module
-    docstring says."""
+    """A depthwise 3D convolution of a channels-last float32 CPU map x, or with `size` (its output positions) the
+    transposed one, differentiated as the module docstring says: the input gradient of the one is the other,
+    the weight gradient the compiled loop."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, padding, dilation):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, size):
         ctx.save_for_backward(x, weight)
-        ctx.padding, ctx.dilation, ctx.bias = padding, dilation, bias is not None
-        return _convolve(x, weight, bias, padding, dilation)
+        ctx.geometry, ctx.transposed, ctx.bias = (stride, padding, dilation), size is not None, bias is not None
+        if ctx.transposed:
+            return _transposed(x, weight, bias, stride, padding, dilation, size)
+        return _strided(x, weight, bias, stride, padding, dilation)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad = _channels_last(grad)
-        kernel = weight.shape[2:]
+        geometry, kernel = ctx.geometry, tuple(weight.shape[2:])
         grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:  # the transposed convolution of stride 1 is a convolution with the kernel flipped
-            padding = [d * (k - 1) - p for k, p, d in zip(kernel, ctx.padding, ctx.dilation)]
-            grad_x = _convolve(grad, weight.flip([2, 3, 4]), None, padding, ctx.dilation)
+        if ctx.needs_input_grad[0]:
+            grad_x = (_strided(grad, weight, None, *geometry) if ctx.transposed
+                      else _transposed(grad, weight, None, *geometry, list(x.shape[2:])))
         if ctx.needs_input_grad[1]:
-            grad_weight = cpu_kernel.depthwise_grad_weight(x, grad, tuple(kernel), ctx.padding, ctx.dilation)
+            larger, smaller = (grad, x) if ctx.transposed else (x, grad)
+            grad_weight = cpu_kernel.depthwise_grad_weight(larger, smaller, kernel, *geometry)
         if ctx.bias and ctx.needs_input_grad[2]:
-            grad_bias = grad.sum([0, 2, 3, 4])
-        return grad_x, grad_weight, grad_bias, None, None
-
-
-def _differentiates_itself(conv: nn.Module, x: torch.Tensor) -> bool:
-    """Whether `_DepthwiseConv` computes conv(x) here: training on float32 CPU tensors, the compiled loop built,
-    not under autocast, and a convolution whose flipped kernel needs no negative padding."""
-    return (torch.is_grad_enabled() and x.dtype == conv.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
-            and all(p <= d * (k - 1) for k, p, d in zip(conv.kernel_size, conv.padding, conv.dilation))
-            and cpu_kernel.cpu_kernel_available())
+            grad_bias = _rows(grad).sum((0, 1))
+        return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
 def depthwise_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """conv(x) for a depthwise nn.Conv3d (as many groups as channels, in and out) of stride 1 with zero padding;
-    on the CPU on channels-last maps, the result channels-last too. Any other convolution or device, and any
-    convolution under torch.compile, is conv(x)."""
-    depthwise = (isinstance(conv, nn.Conv3d) and conv.groups == conv.in_channels == conv.out_channels
-                 and all(s == 1 for s in conv.stride) and conv.padding_mode == "zeros"
-                 and not isinstance(conv.padding, str))
+    """conv(x) for a depthwise nn.Conv3d or nn.ConvTranspose3d (as many groups as channels, in and out) with zero
+    padding; on the CPU on channels-last maps, the result channels-last too. Any other convolution or device,
+    and any convolution under torch.compile, is conv(x)."""
+    transposed = isinstance(conv, nn.ConvTranspose3d)
+    depthwise = (isinstance(conv, (nn.Conv3d, nn.ConvTranspose3d)) and conv.padding_mode == "zeros"
+                 and conv.groups == conv.in_channels == conv.out_channels and not isinstance(conv.padding, str))
     if not depthwise or x.device.type != "cpu" or torch.compiler.is_compiling():  # inductor picks its own layouts
         return conv(x)
     x = _channels_last(x)
-    if _differentiates_itself(conv, x):
-        return _DepthwiseConv.apply(x, conv.weight, conv.bias, tuple(conv.padding), tuple(conv.dilation))
+    # float32 outside autocast, and a flipped kernel that needs no negative padding
+    if not (x.dtype == conv.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and all(p <= d * (k - 1) for k, p, d in zip(conv.kernel_size, conv.padding, conv.dilation))):
+        return conv(x)
+    size = None
+    if transposed:
+        size = [(n - 1) * s - 2 * p + d * (k - 1) + o + 1 for n, s, p, d, k, o in
+                zip(x.shape[2:], conv.stride, conv.padding, conv.dilation, conv.kernel_size, conv.output_padding)]
+    geometry = (list(conv.stride), list(conv.padding), list(conv.dilation))
+    if not torch.is_grad_enabled():
+        return (_transposed(x, conv.weight, conv.bias, *geometry, size) if transposed
+                else _strided(x, conv.weight, conv.bias, *geometry))
+    if cpu_kernel.cpu_kernel_available():
+        return _DepthwiseConv.apply(x, conv.weight, conv.bias, *geometry, size)
     return conv(x)
 
 

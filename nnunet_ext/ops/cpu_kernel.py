@@ -287,13 +287,18 @@ class CompiledScan(torch.autograd.Function):
                 None if D is None else dD.sum(0), dz, None if delta_bias is None else ddelta_bias.sum(0), None)
 
 
-def _row_calls(function, rows: int, sizes: tuple, tensors: tuple) -> list:
-    """`function(*sizes, first row, end row, *pointers to tensors)` over `rows` rows cut into one piece per
-    thread: the C loops' signature."""
+def _pieces(rows: int) -> list[tuple[int, int]]:
+    """`rows` rows cut into one (first row, end row) piece per thread, none empty."""
     pieces = max(1, min(rows, torch.get_num_threads()))
     bounds = [rows * i // pieces for i in range(pieces + 1)]
+    return [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+
+
+def _row_calls(function, rows: int, sizes: tuple, tensors: tuple) -> list:
+    """`function(*sizes, first row, end row, *pointers to tensors)` over `rows` rows, one call per piece:
+    the C loops' signature."""
     pointers = [_ptr(t) for t in tensors]
-    return [partial(function, *sizes, lo, hi, *pointers) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+    return [partial(function, *sizes, lo, hi, *pointers) for lo, hi in _pieces(rows)]
 
 
 def b_spline_forward(x: torch.Tensor, start: torch.Tensor, step: torch.Tensor, matrix: torch.Tensor,
@@ -317,17 +322,16 @@ def b_spline_backward(x: torch.Tensor, start: torch.Tensor, step: torch.Tensor, 
     return grad_x
 
 
-def depthwise_grad_weight(x: torch.Tensor, grad: torch.Tensor, kernel: tuple, padding: tuple,
+def depthwise_grad_weight(x: torch.Tensor, grad: torch.Tensor, kernel: tuple, stride: tuple, padding: tuple,
                           dilation: tuple) -> torch.Tensor:
-    """The weight gradient (C, 1, *kernel) of a depthwise 3D convolution of stride 1 of x (N, C, D, H, W) that
-    gave the output gradient `grad` (N, C, *output's D, H, W): float32, both channels-last."""
+    """The weight gradient (C, 1, *kernel) of a depthwise 3D convolution of x (N, C, D, H, W) that gave the
+    output gradient `grad` (N, C, *output's D, H, W): float32, both channels-last. For a transposed convolution,
+    x is its output gradient and grad its input."""
     (batch, channels, *spatial), output = x.shape, grad.shape[2:]
-    shape = (ctypes.c_int64 * 16)(channels, *spatial, *output, *kernel, *padding, *dilation)
-    rows = batch * output[0] * output[1]
-    pieces = max(1, min(rows, torch.get_num_threads()))
-    bounds = [rows * i // pieces for i in range(pieces + 1)]
-    sums = x.new_empty(pieces, math.prod(kernel), channels)  # each piece's own sums, added below
+    shape = (ctypes.c_int64 * 19)(channels, *spatial, *output, *kernel, *stride, *padding, *dilation)
+    pieces = _pieces(batch * output[0] * output[1])
+    sums = x.new_empty(len(pieces), math.prod(kernel), channels)  # each piece's own sums, added below
     function = _load()[0].depthwise_grad_weight
     _parallel([partial(function, shape, lo, hi, _ptr(x), _ptr(grad), _ptr(sums[i]))
-               for i, (lo, hi) in enumerate(zip(bounds, bounds[1:]))])
+               for i, (lo, hi) in enumerate(pieces)])
     return sums.sum(0).t().reshape(channels, 1, *kernel)

@@ -164,7 +164,7 @@ class RealDataset:
     package: Package
     configuration: str
     channel: str  # nnU-Net's normalisation follows the name: "CT" for calibrated CT, else z-score
-    folds: tuple[int, ...]  # what `run` trains by default: as many as fit in an hour on 2 CPU cores
+    folds: tuple[int, ...]  # what `run` trains by default: as many as fit in an hour on 2 CPU cores (six trainers)
     description: str
     labels: dict[str, int]
     cases: Callable[[dict[str, Path]], list[Case]]
