@@ -34,7 +34,7 @@ class Schedule(NamedTuple):
 
 
 # `debug` proves the commands (tests), without test-time mirroring; `real` is the CPU schedule of
-# `nnunet-ext real-data` (docs/results.md: under an hour per dataset on 2 cores).
+# `nnunet-ext real-data` (docs/results.md: 3 to 8 minutes per trainer and fold on 2 cores).
 SCHEDULES = {"debug": Schedule(1, 5, 2, mirroring=False), "demo": Schedule(4, 10, 3), "real": Schedule(12, 10, 2)}
 
 # The arguments every network class takes before its options.

@@ -84,7 +84,8 @@ def test_lowres_then_cascade_train_and_predict(arch_name, cascade_workspace, mon
 
     images = ws.raw / DATASET / "imagesTs"
     lowres, zeros = tmp_path / "lowres", tmp_path / "zeros"
-    predict = ("nnUNetv2_predict", "-d", DATASET_ID, "-tr", trainer, "-device", "cpu", "--disable_tta")
+    predict = ("nnUNetv2_predict", "-d", DATASET_ID, "-tr", trainer, "-device", "cpu", "--disable_tta",
+               "-npp", "1", "-nps", "1")  # one worker each: nnU-Net's three cost 5 s per prediction on 2 cores
     ws.run(*predict, "-i", images, "-o", lowres, "-c", "3d_lowres", "-f", "0")
     test_cases = sorted(p.name[:-len("_0000.nii.gz")] for p in images.glob("*_0000.nii.gz"))
     zeros.mkdir()

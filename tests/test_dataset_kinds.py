@@ -63,7 +63,7 @@ def test_trains_validates_and_predicts(arch_name, kind, kind_workspace, tmp_path
 
     images = ws.raw / ws.dataset / "imagesTs"
     ws.run("nnUNetv2_predict", "-i", images, "-o", tmp_path, "-d", "997", "-c", "3d_fullres", "-f", "0",
-           "-tr", trainer, "-device", "cpu", "--disable_tta")
+           "-tr", trainer, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1")
     cases = sorted({p.name[:-len("_0000.nii.gz")] for p in images.glob("*_0000.nii.gz")})
     assert len(list(images.glob("*.nii.gz"))) == len(cases) * options.get("n_channels", 1)
     for case in cases:

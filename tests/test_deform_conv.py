@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from conftest import assert_gradients_close
+from nnunet_ext.ops import cpu_kernel
 from nnunet_ext.ops import deform_conv as deform_module
 from nnunet_ext.ops.deform_conv import deform_conv
 from nnunet_ext.ops.reference import deform_conv_unfused
@@ -32,10 +34,10 @@ def out_size(size, kernel, stride, padding, dilation):
     return [(s + 2 * p - d * (kernel - 1) - 1) // st + 1 for s, st, p, d in zip(size, *t)]
 
 
-def make(geometry, offset_groups=1, modulated=False, scale=1.5, dtype=torch.float64, seed=0):
+def make(geometry, offset_groups=1, modulated=False, scale=1.5, dtype=torch.float64, seed=0, out_channels=8):
     dim, size, kernel, stride, padding, dilation, groups = geometry
     g = torch.Generator().manual_seed(seed)
-    channels, out_channels = 4, 8
+    channels = 4
     out = out_size(size, kernel, stride, padding, dilation)
     tensors = dict(input=torch.randn(2, channels, *size, generator=g, dtype=dtype),
                    offset=scale * torch.randn(2, offset_groups * dim * kernel ** dim, *out, generator=g, dtype=dtype),
@@ -71,11 +73,16 @@ def test_integer_offsets_give_the_shifted_convolution(geometry):
     torch.testing.assert_close(deform_conv(**t, **kw), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 8])
 @pytest.mark.parametrize("offset_groups, modulated", [(1, False), (2, True), (4, True)])
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
-def test_fractional_offsets_match_the_direct_interpolation(geometry, offset_groups, modulated):
+def test_fractional_offsets_match_the_direct_interpolation(geometry, offset_groups, modulated, threads, monkeypatch):
     """Against `deform_conv_unfused`, which interpolates corner by corner (no grid_sample), in float64:
-    outputs and the gradients of input, offset, mask, weight and bias."""
+    outputs and the gradients of input, offset, mask, weight and bias. With 8 threads the channels of each
+    (sample, offset group) split into as many sampled maps as divide them (4, 2 and 1 here)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert deform_module._maps_per_group(2 * offset_groups, 4 // offset_groups) == \
+        (1 if threads == 1 else 4 // offset_groups)
     t, kw = make(geometry, offset_groups, modulated)
     for v in t.values():
         v.requires_grad_()
@@ -85,6 +92,37 @@ def test_fractional_offsets_match_the_direct_interpolation(geometry, offset_grou
     for a, b, name in zip(torch.autograd.grad(ours, list(t.values()), grad),
                           torch.autograd.grad(reference, list(t.values()), grad), t):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
+
+
+# One offset group and one convolution group in 3D (the compiled trilinear sampling), or as many groups as the 4
+# channels in and out, 2D and 3D (the compiled depthwise deformable convolution, without a mask)
+COMPILED = [(3, (6, 7, 5), 3, 1, 1, 1, 1), (3, (8, 6, 9), 3, (1, 2, 2), 1, 1, 1),
+            (3, (7, 9, 8), 3, 1, (2, 3, 3), (2, 3, 3), 1), (2, (12, 10), 5, 2, 2, 1, 4),
+            (2, (15, 16), 3, 1, 3, (3, 2), 4), (3, (6, 7, 5), 3, 1, 1, 1, 4)]
+
+
+@pytest.mark.parametrize("one_tap_per_chunk", [False, True])
+@pytest.mark.parametrize("modulated", [False, True])
+@pytest.mark.parametrize("geometry", COMPILED, ids=[f"{g[0]}d-k{g[2]}-s{g[3]}-d{g[5]}-g{g[6]}" for g in COMPILED])
+def test_float32_on_both_cpu_paths_matches_float64(geometry, modulated, one_tap_per_chunk, cpu_path, monkeypatch):
+    """float32 through the compiled loops (the trilinear sampling, then one matrix product; or the depthwise
+    deformable convolution, which stores no sample) and through grid_sample, against `deform_conv_unfused` in
+    float64: outputs and every gradient, offsets large enough to reach outside the map, the taps whole or one per
+    chunk (recomputed in backward)."""
+    depthwise = geometry[6] == 4
+    compiled = []
+    monkeypatch.setattr(cpu_kernel, "deform", lambda *args, f=cpu_kernel.deform: compiled.append(1) or f(*args))
+    if one_tap_per_chunk:
+        monkeypatch.setattr(deform_module, "TAP_CHUNK_ELEMENTS", 1)
+    t, kw = make(geometry, 1, modulated, scale=3.0, out_channels=4 if depthwise else 8)
+    t32 = {k: v.float().requires_grad_() for k, v in t.items()}
+    t64 = {k: v.requires_grad_() for k, v in t.items()}
+    ours, reference = deform_conv(**t32, **kw), deform_conv_unfused(**t64, **kw)
+    assert bool(compiled) == (cpu_path == "compiled" and not (depthwise and modulated))
+    torch.testing.assert_close(ours.double(), reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+    grad = torch.randn_like(reference)
+    assert_gradients_close(list(t), torch.autograd.grad(ours, list(t32.values()), grad.float()),
+                           torch.autograd.grad(reference, list(t64.values()), grad))
 
 
 @pytest.mark.parametrize("offset_groups, modulated", [(1, False), (2, True)])
@@ -173,3 +211,15 @@ def test_bad_arguments_say_what_is_wrong(change, message):
     args = {**t, **kw, **change}
     with pytest.raises(ValueError, match=message):
         deform_conv(**args)
+
+
+@pytest.mark.parametrize("geometry", COMPILED, ids=[f"{g[0]}d-k{g[2]}-s{g[3]}-d{g[5]}-g{g[6]}" for g in COMPILED])
+def test_the_flop_counter_counts_the_same_on_both_cpu_paths(geometry, cpu_path):
+    """The benchmark's GFLOPs: a multiply-add per sample and output channel (the contraction), whichever path."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    t, kw = make(geometry, 1, dtype=torch.float32, out_channels=4 if geometry[6] == 4 else 8)
+    with FlopCounterMode(display=False) as counter:
+        out = deform_conv(**t, **kw)
+    taps, positions = geometry[2] ** geometry[0], out[0, 0].numel()
+    assert counter.get_total_flops() == 2 * 2 * positions * taps * t["weight"].shape[1] * out.shape[1]

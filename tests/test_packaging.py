@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from nnunet_ext.ops import cpu_kernel
+
 REPO = Path(__file__).resolve().parents[1]
 TRAINER = "nnUNetTrainerAttentionUNet"
 
@@ -103,8 +105,9 @@ def test_wheel_ships_the_package_and_the_trainer_search_folder(wheel):
         names = set(zf.namelist())
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         scripts = zf.read(entry_points).decode()
+    sources = {f"nnunet_ext/ops/csrc/{source.name}" for source in cpu_kernel.SOURCES}  # every compiled loop's
     assert {"nnunet_ext/_trainer_search/nnunet_ext_trainers.py", "nnunet_ext/trainers/__init__.py",
-            "nnunet_ext/memory_models.json", "nnunet_ext/ops/csrc/mamba.c", "nnunet_ext/ops/csrc/b_spline.c"} <= names
+            "nnunet_ext/memory_models.json", *sources} <= names
     assert "nnunet-ext = nnunet_ext.tools.cli:main" in scripts.splitlines()
     # Only the package and its metadata: no top-level trainers/, tests/, plans/ or stray folders.
     assert {n.split("/")[0] for n in names} == {"nnunet_ext", entry_points.split("/")[0]}

@@ -210,7 +210,7 @@ def test_without_a_working_compiler_the_pytorch_scan_runs_and_the_reason_is_give
     check_against_loop(make_inputs(2, 4, 77, 6, seed=7), optional=("D",), softplus=True)
     cpu_kernel._load.cache_clear()
     monkeypatch.setenv("CC", str(kernel_cache / "no-such-compiler"))
-    assert cpu_kernel.cpu_kernel_off_reason().startswith("cannot build mamba.c, b_spline.c, depthwise.c with")
+    assert cpu_kernel.cpu_kernel_off_reason().startswith("cannot build mamba.c, b_spline.c, depthwise.c, deform.c with")
     grid, x = uniform_grid(3, 5, 3), torch.randn(40, 3)  # U-KAN's bases take PyTorch's formulation too
     torch.testing.assert_close(b_spline_bases(x, grid, 3, uniform=True), b_spline_bases(x, grid, 3))
     assert not list(kernel_cache.iterdir())  # a failed build leaves nothing behind

@@ -97,8 +97,9 @@ class LKA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # 3D on the CPU: on channels-last maps, differentiated by nnunet_ext.ops.channels_last (conv_spatial's
-        # backward takes a seventh of oneDNN's); the deformable ones run as they are.
-        attention = depthwise_conv(self.conv_spatial, depthwise_conv(self.conv0, x)).contiguous()
+        # backward takes a seventh of oneDNN's); the deformable ones run as they are. The extra deformable
+        # convolution samples channels-last maps on the CPU (deform_conv), so the map stays in that layout.
+        attention = depthwise_conv(self.conv_spatial, depthwise_conv(self.conv0, x))
         if self.deform_conv is not None:
             attention = self.deform_conv(attention)
         return x * self.conv1(attention)

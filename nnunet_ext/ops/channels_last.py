@@ -51,9 +51,15 @@ def _transposed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     spread = x
     if any(s != 1 for s in stride) or spread_size != list(x.shape[2:]):
         spread = x.new_zeros(x.shape[0], *spread_size, x.shape[1]).permute(0, 4, 1, 2, 3)  # channels-last
-        spread[:, :, :(x.shape[2] - 1) * stride[0] + 1:stride[0], :(x.shape[3] - 1) * stride[1] + 1:stride[1],
-               :(x.shape[4] - 1) * stride[2] + 1:stride[2]] = x
+        spread[(..., *(slice(0, (n - 1) * s + 1, s) for n, s in zip(x.shape[2:], stride)))] = x
     return _strided(spread, weight.flip([2, 3, 4]), bias, 1, outer, dilation)
+
+
+def _forward(x, weight, bias, stride, padding, dilation, size):
+    """The depthwise convolution of x, or with `size` (its output positions) the transposed one."""
+    if size is None:
+        return _strided(x, weight, bias, stride, padding, dilation)
+    return _transposed(x, weight, bias, stride, padding, dilation, size)
 
 
 @register_flop_formula(torch.ops.nnunet_ext.depthwise_conv_transpose3d)
@@ -70,9 +76,7 @@ class _DepthwiseConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, stride, padding, dilation, size):
         ctx.save_for_backward(x, weight)
         ctx.geometry, ctx.transposed, ctx.bias = (stride, padding, dilation), size is not None, bias is not None
-        if ctx.transposed:
-            return _transposed(x, weight, bias, stride, padding, dilation, size)
-        return _strided(x, weight, bias, stride, padding, dilation)
+        return _forward(x, weight, bias, stride, padding, dilation, size)
 
     @staticmethod
     def backward(ctx, grad):
@@ -111,8 +115,7 @@ def depthwise_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
                 zip(x.shape[2:], conv.stride, conv.padding, conv.dilation, conv.kernel_size, conv.output_padding)]
     geometry = (list(conv.stride), list(conv.padding), list(conv.dilation))
     if not torch.is_grad_enabled():
-        return (_transposed(x, conv.weight, conv.bias, *geometry, size) if transposed
-                else _strided(x, conv.weight, conv.bias, *geometry))
+        return _forward(x, conv.weight, conv.bias, *geometry, size)
     if cpu_kernel.cpu_kernel_available():
         return _DepthwiseConv.apply(x, conv.weight, conv.bias, *geometry, size)
     return conv(x)

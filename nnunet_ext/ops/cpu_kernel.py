@@ -1,7 +1,7 @@
 """The compiled CPU loops (csrc/): a Mamba layer's selective scan with everything around it and its causal
 convolution with its SiLU (mamba.c), the B-spline bases of a KAN layer on equally spaced knots
-(b_spline.c), and the weight gradient of a depthwise convolution (depthwise.c); compiled on first use into
-one library, called through ctypes.
+(b_spline.c), the weight gradient of a depthwise convolution (depthwise.c) and the trilinear sampling of a
+deformable convolution (deform.c); compiled on first use into one library, called through ctypes.
 
 A C compiler is all it needs: no PyTorch headers, no ninja, about a second to build. The library is
 cached under NNUNET_EXT_CACHE (default ~/.cache/nnunet_ext), named by a hash of the sources, the flags
@@ -34,7 +34,8 @@ _CSRC = Path(__file__).with_name("csrc")
 # to flushing denormals when the library loads. -march=native is safe because the cache key names the CPU.
 SOURCES = {_CSRC / "mamba.c": ["-O3", "-ffast-math", "-march=native", "-fPIC", "-c"],
            _CSRC / "b_spline.c": ["-O3", "-march=native", "-fPIC", "-c"],
-           _CSRC / "depthwise.c": ["-O3", "-march=native", "-fPIC", "-c"]}
+           _CSRC / "depthwise.c": ["-O3", "-march=native", "-fPIC", "-c"],
+           _CSRC / "deform.c": ["-O3", "-march=native", "-fPIC", "-c"]}
 LINK_FLAGS = ["-shared"]
 CHUNK = 64  # positions whose states backward recomputes at once: (CHUNK + 1) x d_state floats stay in L1
 _ENV = "NNUNET_EXT_CPU_KERNEL"
@@ -120,8 +121,12 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.bspline_forward.argtypes = [i64] * 5 + [ptr] * 5
     lib.bspline_backward.argtypes = [i64] * 5 + [ptr] * 6
     lib.depthwise_grad_weight.argtypes = [ptr, i64, i64, ptr, ptr, ptr]
+    lib.deform_forward.argtypes = [ptr, i64, i64] + [ptr] * 4
+    lib.deform_grad_position_weight.argtypes = [ptr, i64, i64] + [ptr] * 6
+    lib.deform_grad_input.argtypes = [ptr, i64, i64] + [ptr] * 4
     for function in (lib.scan_forward, lib.scan_backward, lib.conv_forward, lib.conv_backward,
-                     lib.bspline_forward, lib.bspline_backward, lib.depthwise_grad_weight):
+                     lib.bspline_forward, lib.bspline_backward, lib.depthwise_grad_weight, lib.deform_forward,
+                     lib.deform_grad_position_weight, lib.deform_grad_input):
         function.restype = None
     return lib, None
 
@@ -335,3 +340,37 @@ def depthwise_grad_weight(x: torch.Tensor, grad: torch.Tensor, kernel: tuple, st
     _parallel([partial(function, shape, lo, hi, _ptr(x), _ptr(grad), _ptr(sums[i]))
                for i, (lo, hi) in enumerate(pieces)])
     return sums.sum(0).t().reshape(channels, 1, *kernel)
+
+
+def _deform_shape(x: torch.Tensor, position: torch.Tensor):
+    return (ctypes.c_int64 * 7)(*x.shape, *position.shape[1:3])
+
+
+def deform(x: torch.Tensor, position: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples of maps x (M, D, H, W, C) at `position` (M, P, T, 3), (z, y, x) in input pixels, zeros
+    outside, weighed by `weight` (T, C) and summed over the T taps: out (M, P, C), a depthwise deformable
+    convolution without bias (with T = 1 and a weight of ones, the samples). No sample is stored. float32 and
+    contiguous, x being channels-last maps' memory."""
+    out = x.new_empty(*position.shape[:2], x.shape[-1])
+    _parallel(_row_calls(_load()[0].deform_forward, out.shape[0] * out.shape[1], (_deform_shape(x, position),),
+                         (x, position, weight, out)))
+    return out
+
+
+def deform_backward(x: torch.Tensor, position: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
+                    needs: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
+    """The gradients in x, `position` and `weight` (those `needs` asks for) from the output's gradient (M, P, C)."""
+    lib, shape = _load()[0], _deform_shape(x, position)
+    grad_x = grad_position = grad_weight = None
+    if needs[0]:  # threads take channels, so that none adds to another's floats
+        grad_x = torch.zeros_like(x)
+        _parallel(_row_calls(lib.deform_grad_input, x.shape[-1], (shape,), (position, weight, grad, grad_x)))
+    if needs[1] or needs[2]:
+        pieces = _pieces(grad.shape[0] * grad.shape[1])
+        grad_position = torch.empty_like(position)
+        parts = weight.new_empty(len(pieces), *weight.shape) if needs[2] else [None] * len(pieces)
+        _parallel([partial(lib.deform_grad_position_weight, shape, lo, hi,
+                           *(_ptr(t) for t in (x, position, weight, grad, grad_position, part)))
+                   for part, (lo, hi) in zip(parts, pieces)])
+        grad_weight = parts.sum(0) if needs[2] else None
+    return grad_x, grad_position if needs[1] else None, grad_weight
