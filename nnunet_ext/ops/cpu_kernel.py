@@ -6,8 +6,8 @@ deformable convolution (deform.c); compiled on first use into one library, calle
 A C compiler is all it needs: no PyTorch headers, no ninja, about a second to build. The library is
 cached under NNUNET_EXT_CACHE (default ~/.cache/nnunet_ext), named by a hash of the sources, the flags
 and the CPU, so a cluster sharing one home folder never loads a build for another processor.
-Without a compiler `selective_scan_fn`, `causal_conv1d_silu`, `b_spline_bases` and `depthwise_conv` keep
-their PyTorch paths, and `cpu_kernel_off_reason` says why.
+Without a compiler `selective_scan_fn`, `causal_conv1d_silu`, `b_spline_bases`, `depthwise_conv` and
+`deform_conv` keep their PyTorch paths, and `cpu_kernel_off_reason` says why.
 """
 
 from __future__ import annotations
