@@ -15,8 +15,8 @@ from torch import nn
 
 from nnunet_ext.blocks import kan
 from nnunet_ext.blocks.kan import KANConv, KANLinear, TokenizedKANLayer, shift_tokens
-from nnunet_ext.ops import cpu_kernel
-from nnunet_ext.ops.b_spline import b_spline_bases, uniform_grid
+from nnunet_ext.ops import b_spline, cpu_kernel
+from nnunet_ext.ops.b_spline import b_spline_bases, b_spline_linear, uniform_grid
 from nnunet_ext.ops.reference import b_spline_basis, kan_linear_per_feature
 
 
@@ -108,9 +108,11 @@ def test_compiled_closed_form_equals_the_recursion(order, threads, monkeypatch):
     torch.set_num_threads(threads)
     try:
         g = torch.Generator().manual_seed(order)
-        grid = (torch.arange(-order, 6 + order, dtype=torch.float32) * 0.25 - 0.5).expand(3, -1).clone()
+        # 19 features: a block of 16 and a partial one (the forward loop takes features 16 at a time)
+        grid = (torch.arange(-order, 6 + order, dtype=torch.float32) * 0.25 - 0.5).expand(19, -1).clone()
         grid[1] = grid[1] * 3 + 1  # another spacing per feature
-        x = torch.rand(5, 67, 3, generator=g) * 12 - 5
+        grid[17] = grid[17] * 0.5 - 1
+        x = torch.rand(5, 67, 19, generator=g) * 12 - 5
         x[0, :4] = grid[:, :4].T  # exactly on knots
         x[1, 0, 1], x[1, 1, 2] = float("nan"), float("inf")
         x.requires_grad_()
@@ -136,6 +138,69 @@ def test_compiled_closed_form_equals_the_recursion(order, threads, monkeypatch):
     torch.testing.assert_close(gradient[good].double(), expected[good], rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(bases[good], results[False][0][good], rtol=0, atol=1e-6)
     torch.testing.assert_close(gradient[good], results[False][1][good], rtol=1e-5, atol=1e-5)
+
+
+def spline_product_case(generator, rows=30, features=19, out_features=5):
+    """x (rows, features) inside and beyond the knots, one row with a NaN; a spline weight and a base term."""
+    grid = uniform_grid(features, 5, 3)
+    x = torch.rand(rows, features, generator=generator) * 3 - 1.5
+    x[4, 2] = float("nan")
+    weight = torch.randn(out_features, features * 8, generator=generator)
+    base = torch.randn(rows, out_features, generator=generator)
+    return x, grid, weight, base
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_spline_product_in_chunks_equals_the_whole_bases(threads, monkeypatch):
+    """`b_spline_linear`'s compiled path forms the bases 7 rows at a time here (30 rows: a partial last chunk),
+    in forward and again in backward: output and gradients in x, the weight and the base term against the whole
+    bases by the recursion in float64. The NaN row stays NaN and touches no other row's output or gradient."""
+    monkeypatch.setattr(b_spline, "_CHUNK_BYTES", 7 * 19 * 8 * 4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, grid, weight, base = spline_product_case(torch.Generator().manual_seed(5))
+        tensors = [t.requires_grad_() for t in (x, weight, base)]
+        out = b_spline_linear(x, grid, 3, weight, base, uniform=True)
+        assert out.grad_fn.name() == "_BSplineLinearBackward"
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
+        ours = torch.autograd.grad((out.nan_to_num() * grad_out).sum(), tensors)
+    finally:
+        torch.set_num_threads(before)
+    doubles = [t.detach().double().requires_grad_() for t in tensors]
+    expected_out = doubles[2] + b_spline_bases(doubles[0], grid.double(), 3).flatten(1) @ doubles[1].T
+    expected = torch.autograd.grad((expected_out.nan_to_num() * grad_out).sum(), doubles)
+    good = torch.ones(30, dtype=torch.bool)
+    good[4] = False
+    assert out[4].isnan().all() and not out[good].isnan().any()
+    torch.testing.assert_close(out[good].double(), expected_out[good], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[0][good].double(), expected[0][good], rtol=1e-5, atol=1e-5)
+    assert ours[1].isnan().any()  # the NaN row's bases reach the weight's gradient, as with the whole bases
+    finite = ~expected[1].isnan()
+    torch.testing.assert_close(ours[1][finite].double(), expected[1][finite], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[2].double(), expected[2])
+
+
+def test_spline_product_keeps_x_not_the_bases():
+    """Autograd keeps x (and the weight) for the compiled spline product's backward, never a tensor of the
+    bases' size (n_bases = 8 times x's): the memory the chunks save."""
+    x, grid, weight, base = spline_product_case(torch.Generator().manual_seed(7), rows=200)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        b_spline_linear(x.requires_grad_(), grid, 3, weight.requires_grad_(), base, uniform=True)
+    assert saved and max(saved) == x.numel()
+
+
+def test_the_flop_counter_counts_the_spline_product_in_chunks(monkeypatch):
+    """The benchmark's GFLOPs: the product with the bases counts as it did whole (a multiply-add per basis and
+    output), the chunks' products being seen inside the autograd function."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.setattr(b_spline, "_CHUNK_BYTES", 7 * 19 * 8 * 4)
+    x, grid, weight, base = spline_product_case(torch.Generator().manual_seed(8))
+    with FlopCounterMode(display=False) as counter:
+        b_spline_linear(x, grid, 3, weight, base, uniform=True)
+    assert counter.get_total_flops() == 2 * x.shape[0] * weight.shape[1] * weight.shape[0]
 
 
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "pytorch"])
@@ -324,6 +389,17 @@ def test_token_shift_moves_each_channel_group_along_one_axis():
     assert [out[0, c].nonzero().tolist() for c in (0, 9)] == [[[3, 1]], [[3, 5]]]
     far = torch.ones(1, 5, 1, 4)  # a one-row map: every shifted group moves out and becomes zero
     assert shift_tokens(far, axis=0)[0, :, 0, 0].tolist() == [0, 0, 1, 0, 0]
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 5, 3), (1, 6, 4, 1, 5)], ids=["2d", "3d"])
+def test_token_shift_gradient_is_the_opposite_shift(shape):
+    """The shift's backward (its own: the opposite shift) against torch's numerical gradient, along every
+    axis, a length-1 axis included; the result is channels-last in memory, so its token rows are a view."""
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    for axis in range(len(shape) - 2):
+        assert torch.autograd.gradcheck(lambda v: shift_tokens(v, axis), (x,))
+        out = shift_tokens(x, axis)
+        assert out.movedim(1, -1).is_contiguous()
 
 
 def test_tokenized_layer_shifts_along_each_axis_in_turn(monkeypatch):

@@ -22,7 +22,8 @@ from dynamic_network_architectures.building_blocks.regularization import DropPat
 
 from nnunet_ext.blocks import layers
 from nnunet_ext.errors import ConfigurationError
-from nnunet_ext.ops.b_spline import b_spline_bases, equally_spaced, fit_spline_coefficients, uniform_grid
+from nnunet_ext.ops.b_spline import (b_spline_bases, b_spline_linear, equally_spaced, fit_spline_coefficients,
+                                      uniform_grid)
 from nnunet_ext.ops.channels_last import depthwise_conv
 
 TokenMixer = Literal["kan", "mlp"]  # KANLinear, or nn.Linear (the paper's ablation)
@@ -122,8 +123,8 @@ class KANLinear(_KnotGrid):
         x = x.reshape(-1, self.in_features)
         base = F.linear(self.base_activation(x), self.base_weight)
         # Bases in float32 at least; the product then follows autocast like any linear layer.
-        spline = F.linear(self.b_splines(x).to(x.dtype).flatten(1), self.scaled_spline_weight.flatten(1))
-        return (base + spline).reshape(*leading, self.out_features)
+        out = b_spline_linear(x, self.grid, self.spline_order, self.scaled_spline_weight.flatten(1), base, self.uniform)
+        return out.reshape(*leading, self.out_features)
 
     @torch.no_grad()
     def update_grid(self, x: torch.Tensor, margin: float = 0.01) -> None:
@@ -217,23 +218,36 @@ class KANConv(_KnotGrid):
         return base + self._spline(x)
 
 
+def _shifted(x: torch.Tensor, axis: int, groups: int, direction: int) -> torch.Tensor:
+    """x (b, c, *size) with channel group g moved by direction * (g - groups // 2) positions along spatial
+    `axis`, zeros filling; written into a channels-last map, the token rows a channel mixer reads."""
+    dim, length = 2 + axis, x.shape[2 + axis]
+    out = x.new_zeros(x.shape[0], *x.shape[2:], x.shape[1]).movedim(-1, 1)
+    for g, (target, source) in enumerate(zip(out.tensor_split(groups, 1), x.tensor_split(groups, 1))):
+        s = direction * (g - groups // 2)
+        if abs(s) < length:  # else everything moves out
+            target.narrow(dim, max(s, 0), length - abs(s)).copy_(source.narrow(dim, max(-s, 0), length - abs(s)))
+    return out
+
+
+class _ShiftTokens(torch.autograd.Function):
+    """One copy forward and one backward: the shift's gradient is the opposite shift."""
+
+    @staticmethod
+    def forward(ctx, x, axis, groups):
+        ctx.axis, ctx.groups = axis, groups
+        return _shifted(x, axis, groups, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _shifted(grad, ctx.axis, ctx.groups, -1), None, None
+
+
 def shift_tokens(x: torch.Tensor, axis: int, groups: int = 5) -> torch.Tensor:
     """UNeXt's token shift: split the channels of x (b, c, *size) into `groups` and move group g by
-    g - groups // 2 positions along spatial `axis`, filling with zeros."""
-    dim = 2 + axis
-    length = x.shape[dim]
-    shifted = []
-    for g, chunk in enumerate(torch.tensor_split(x, groups, dim=1)):
-        s = g - groups // 2
-        if s == 0:
-            shifted.append(chunk)
-        elif abs(s) >= length:  # everything moves out
-            shifted.append(torch.zeros_like(chunk))
-        else:
-            kept = chunk.narrow(dim, max(-s, 0), length - abs(s))
-            fill = chunk.new_zeros(*chunk.shape[:dim], abs(s), *chunk.shape[dim + 1:])
-            shifted.append(torch.cat((fill, kept) if s > 0 else (kept, fill), dim))
-    return torch.cat(shifted, 1)
+    g - groups // 2 positions along spatial `axis`, filling with zeros. The result is channels-last in memory,
+    so that its token rows (b, *size, c) are a view (a concatenation, then the rows, took three copies)."""
+    return _ShiftTokens.apply(x, axis, groups)
 
 
 def _official_linear(channels: int) -> nn.Linear:

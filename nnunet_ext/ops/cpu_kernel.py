@@ -29,11 +29,12 @@ import torch
 
 _CSRC = Path(__file__).with_name("csrc")
 # Each source with its compile flags. -ffast-math lets gcc call glibc's vectorised expf and reorder the
-# d_state sums; b_spline.c tests for NaN, which -ffast-math would let gcc drop. Fast math is given to the
-# compile step only: linked with it, gcc before 13 adds crtfastmath.o, which switches the whole process
-# to flushing denormals when the library loads. -march=native is safe because the cache key names the CPU.
+# d_state sums; b_spline.c tests for NaN, which -ffast-math would let gcc drop (-fno-trapping-math keeps
+# NaN and lets gcc vectorise its selects). Fast math is given to the compile step only: linked with it,
+# gcc before 13 adds crtfastmath.o, which switches the whole process to flushing denormals when the
+# library loads. -march=native is safe because the cache key names the CPU.
 SOURCES = {_CSRC / "mamba.c": ["-O3", "-ffast-math", "-march=native", "-fPIC", "-c"],
-           _CSRC / "b_spline.c": ["-O3", "-march=native", "-fPIC", "-c"],
+           _CSRC / "b_spline.c": ["-O3", "-fno-trapping-math", "-march=native", "-fPIC", "-c"],
            _CSRC / "depthwise.c": ["-O3", "-march=native", "-fPIC", "-c"],
            _CSRC / "deform.c": ["-O3", "-march=native", "-fPIC", "-c"]}
 LINK_FLAGS = ["-shared"]
@@ -292,38 +293,41 @@ class CompiledScan(torch.autograd.Function):
                 None if D is None else dD.sum(0), dz, None if delta_bias is None else ddelta_bias.sum(0), None)
 
 
-def _pieces(rows: int) -> list[tuple[int, int]]:
-    """`rows` rows cut into one (first row, end row) piece per thread, none empty."""
-    pieces = max(1, min(rows, torch.get_num_threads()))
+def _pieces(rows: int, threads: int | None = None) -> list[tuple[int, int]]:
+    """`rows` rows cut into one (first row, end row) piece per thread (default: torch's threads), none empty."""
+    pieces = max(1, min(rows, threads or torch.get_num_threads()))
     bounds = [rows * i // pieces for i in range(pieces + 1)]
     return [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
 
 
-def _row_calls(function, rows: int, sizes: tuple, tensors: tuple) -> list:
+def _row_calls(function, rows: int, sizes: tuple, tensors: tuple, threads: int | None = None) -> list:
     """`function(*sizes, first row, end row, *pointers to tensors)` over `rows` rows, one call per piece:
     the C loops' signature."""
     pointers = [_ptr(t) for t in tensors]
-    return [partial(function, *sizes, lo, hi, *pointers) for lo, hi in _pieces(rows)]
+    return [partial(function, *sizes, lo, hi, *pointers) for lo, hi in _pieces(rows, threads)]
 
 
 def b_spline_forward(x: torch.Tensor, start: torch.Tensor, step: torch.Tensor, matrix: torch.Tensor,
-                     intervals: int) -> torch.Tensor:
+                     intervals: int, out: torch.Tensor | None = None, threads: int | None = None) -> torch.Tensor:
     """The bases (rows, features, intervals - order) of x (rows, features) on equally spaced knots from
     `start` with spacing `step` (features each), the interval polynomials being [1, u, .., u^k] @ `matrix`
-    ((k + 1) x (k + 1)); all float32 and contiguous."""
+    ((k + 1) x (k + 1)); all float32 and contiguous. `out`: where to write them (a buffer used again saves
+    the page faults of a fresh one); `threads`: how many share the rows (default: torch's)."""
     order = matrix.shape[0] - 1
-    bases = x.new_empty(*x.shape, intervals - order)
+    bases = x.new_empty(*x.shape, intervals - order) if out is None else out
     _parallel(_row_calls(_load()[0].bspline_forward, x.shape[0], (x.shape[1], intervals, order),
-                         (x, start, step, matrix, bases)))
+                         (x, start, step, matrix, bases), threads))
     return bases
 
 
 def b_spline_backward(x: torch.Tensor, start: torch.Tensor, step: torch.Tensor, matrix: torch.Tensor,
-                      intervals: int, grad: torch.Tensor) -> torch.Tensor:
-    """The gradient in x (rows, features) from the bases' gradient `grad`, as `b_spline_forward` laid them out."""
-    grad_x = torch.empty_like(x)
+                      intervals: int, grad: torch.Tensor, out: torch.Tensor | None = None,
+                      threads: int | None = None) -> torch.Tensor:
+    """The gradient in x (rows, features) from the bases' gradient `grad`, as `b_spline_forward` laid them out;
+    written to `out` if given (contiguous, x's shape); `threads` as for `b_spline_forward`."""
+    grad_x = torch.empty_like(x) if out is None else out
     _parallel(_row_calls(_load()[0].bspline_backward, x.shape[0], (x.shape[1], intervals, matrix.shape[0] - 1),
-                         (x, start, step, matrix, grad.contiguous(), grad_x)))
+                         (x, start, step, matrix, grad.contiguous(), grad_x), threads))
     return grad_x
 
 

@@ -147,13 +147,18 @@ def _to_3d(x: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch
     return x.unsqueeze(1), F.pad(position, (1, 0))
 
 
+def _loop_layouts(input, position, taps_per_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the compiled loops take: the input channels-last (no copy for a channels-last map) and offset group
+    0's positions as rows of `taps_per_row` taps, (b, positions x taps / taps_per_row, taps_per_row, dim)."""
+    x = input.movedim(1, -1).contiguous()
+    return x, position[:, 0].movedim(1, -2).reshape(input.shape[0], -1, taps_per_row, position.shape[-1])
+
+
 def _depthwise_channels_last(input, position, weight) -> torch.Tensor:
     """The depthwise deformable convolution (no bias) of all taps at once, no sample stored: nothing to chunk or
     recompute; the output's memory channels-last."""
     b, c, n_taps, out_size = input.shape[0], input.shape[1], position.shape[2], position.shape[3:-1]
-    x = input.movedim(1, -1).contiguous()  # no copy for a channels-last map
-    position = position[:, 0].movedim(1, -2).reshape(b, -1, n_taps, position.shape[-1])  # (b, positions, taps, dim)
-    x, position = _to_3d(x, position)
+    x, position = _to_3d(*_loop_layouts(input, position, n_taps))  # a row: one output position's taps
     out = _Deform.apply(x, position.contiguous(), weight[:, 0].t().contiguous(), True)
     return out.view(b, *out_size, c).movedim(-1, 1)
 
@@ -163,8 +168,7 @@ def _taps_channels_last(input, position, mask, weight) -> torch.Tensor:
     tap t, so the contraction with the weight is one matrix product, (positions, taps x C) @ (taps x C, c_out),
     whose result is the output's channels-last memory."""
     b, c_in, n_taps, out_size = input.shape[0], input.shape[1], position.shape[2], position.shape[3:-1]
-    x = input.movedim(1, -1).contiguous()  # no copy for a channels-last map
-    position = position[:, 0].movedim(1, -2).reshape(b, -1, 1, 3)  # (b, positions x taps, 1, 3)
+    x, position = _loop_layouts(input, position, 1)  # a row: one sample
     sampled = _Deform.apply(x, position, x.new_ones(1, c_in), False).view(b, -1, n_taps, c_in)
     if mask is not None:
         sampled = sampled * mask[:, 0].flatten(2).transpose(1, 2).unsqueeze(-1).to(sampled.dtype)

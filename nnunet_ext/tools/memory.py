@@ -103,10 +103,11 @@ class _ExtraActivations(TorchFunctionMode):
 
 def extra_elements(net: torch.nn.Module, input_channels: int, patch_size: Sequence[int]) -> int:
     """The extra activation elements a forward pass of one sample of `patch_size` forms in `net`
-    (in training mode: a network in evaluation mode checks its input's values, which meta tensors lack)."""
+    (in training mode: a network in evaluation mode checks its input's values, which meta tensors lack),
+    on the PyTorch paths, as `measure` measures: the compiled CPU loops form KAN bases a few rows at a time."""
     device = next(net.parameters()).device
     x = torch.empty(1, input_channels, *patch_size, device=device)
-    with torch.no_grad(), _ExtraActivations() as counter:
+    with torch.no_grad(), pytorch_paths_only(), _ExtraActivations() as counter:
         net.train()(x)
     return counter.elements
 

@@ -14,7 +14,7 @@
  *
  * Layouts, float32, contiguous: x, grad_x (rows, features); bases, grad (rows, features, nb);
  * start, step (features); matrix (order + 1, order + 1). One call handles rows [r0, r1).
- * Compiled without -ffast-math: the NaN tests below must stay.
+ * Compiled without -ffast-math: the NaN tests below must stay (-fno-trapping-math keeps them).
  */
 #include <math.h>
 #include <stdint.h>
@@ -36,27 +36,50 @@ static inline float slope(const float *matrix, int64_t order, int64_t j, float u
 }
 
 /* The loops over rows, inlined once with the order as a constant (the common order 3: KAN's and U-KAN's)
- * and once for any order; gcc unrolls the polynomial loops of the constant one. */
+ * and once for any order; gcc unrolls the polynomial loops of the constant one.
+ *
+ * Forward takes a row's features BLOCK at a time: first their intervals and polynomial values, in loops
+ * without branches that gcc vectorises (given -fno-trapping-math), then the block's bases zeroed in one
+ * sweep and each feature's k + 1 values stored at its interval's bases. Feature by feature it took 1.4
+ * times as long (single thread, bases in the L2 cache). */
+#define BLOCK 16
+
 static inline __attribute__((always_inline)) void forward_rows(
     int64_t features, int64_t intervals, int64_t order, int64_t r0, int64_t r1,
     const float *x, const float *start, const float *step, const float *matrix, float *bases)
 {
     const int64_t nb = intervals - order;
+    int32_t first[BLOCK];  /* the index of the interval's lowest basis; nb (none exist) beyond the knots */
+    float value[BLOCK * (order + 1)], position[BLOCK], u[BLOCK];
     for (int64_t r = r0; r < r1; r++) {
-        for (int64_t f = 0; f < features; f++) {
-            const float p = (x[r * features + f] - start[f]) / step[f];
-            float *out = bases + (r * features + f) * nb;
-            const float fill = isfinite(p) ? 0.f : NAN;
-            for (int64_t i = 0; i < nb; i++)
-                out[i] = fill;
-            if (!(p >= 0.f && p < (float)intervals))
-                continue;
-            const int64_t m = (int64_t)p;
-            const float u = p - (float)m;
-            for (int64_t j = 0; j <= order; j++) {
-                const int64_t i = m - order + j;
-                if (i >= 0 && i < nb)
-                    out[i] = horner(matrix, order, j, u);
+        for (int64_t f0 = 0; f0 < features; f0 += BLOCK) {
+            const int64_t n = features - f0 < BLOCK ? features - f0 : BLOCK;
+            const float *xr = x + r * features + f0;
+            for (int64_t t = 0; t < n; t++) {
+                const float p = (xr[t] - start[f0 + t]) / step[f0 + t];
+                const float q = p >= 0.f && p < (float)intervals ? p : -1.f;  /* -1: beyond the knots, or NaN */
+                const float m = floorf(q);
+                u[t] = q - m;
+                first[t] = q >= 0.f ? (int32_t)m - (int32_t)order : (int32_t)nb;
+                position[t] = p;
+            }
+            for (int64_t j = 0; j <= order; j++)
+                for (int64_t t = 0; t < n; t++)
+                    value[j * BLOCK + t] = horner(matrix, order, j, u[t]);
+            float *out = bases + (r * features + f0) * nb;
+            for (int64_t i = 0; i < n * nb; i++)
+                out[i] = 0.f;
+            for (int64_t t = 0; t < n; t++) {
+                if (!isfinite(position[t])) {
+                    for (int64_t i = 0; i < nb; i++)
+                        out[t * nb + i] = NAN;
+                    continue;
+                }
+                for (int64_t j = 0; j <= order; j++) {
+                    const int64_t i = first[t] + j;
+                    if (i >= 0 && i < nb)
+                        out[t * nb + i] = value[j * BLOCK + t];
+                }
             }
         }
     }
