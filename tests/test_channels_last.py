@@ -1,7 +1,8 @@
 """Depthwise 3D convolutions, strided and transposed too, on channels-last CPU maps (nnunet_ext.ops.channels_last):
 output and gradients against PyTorch's convolution in float64, on the compiled weight-gradient loop and without
 it, for the kernels the networks use (MedNeXt's 3 and 5 and its down and up blocks, LKA's 5 and dilated 7,
-anisotropic stages' 1x3x3); and the per-channel GroupNorm of such maps against PyTorch's in float64."""
+anisotropic stages' 1x3x3); the per-channel GroupNorm of such maps against PyTorch's in float64; and MedNeXt's
+pointwise MLP in chunks of rows against its layers in float64."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from torch import nn
 
 import torch.nn.functional as F
 
-from nnunet_ext.ops.channels_last import depthwise_conv, group_norm
+from nnunet_ext.ops import chunks
+from nnunet_ext.ops.channels_last import depthwise_conv, group_norm, pointwise_mlp
 
 CASES = {  # kernel, padding, dilation, channels, spatial, then the stride and the transposed convolution's
     # output padding (None: not transposed) where they are not 1 and None
@@ -143,3 +145,99 @@ def test_flop_counter_counts_the_layers_arithmetic(case):
             layer(x)
         counts.append(counter.get_total_flops())
     assert counts[0] == counts[1] > 0
+
+
+def pointwise_layers(dim: int, channels: int = 6, expansion: int = 3, seed: int = 0) -> tuple[nn.Module, ...]:
+    """MedNeXt's 1x1 expansion, GELU and 1x1 compression, weights and biases drawn anew."""
+    torch.manual_seed(seed)
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dim - 1]
+    layers = conv(channels, expansion * channels, 1), nn.GELU(), conv(expansion * channels, channels, 1)
+    with torch.no_grad():
+        for p in (*layers[0].parameters(), *layers[2].parameters()):
+            p.normal_()
+    return layers
+
+
+def graph_has(out: torch.Tensor, name: str) -> bool:
+    """Whether autograd's graph behind `out` holds a node called `name`."""
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [next_node for next_node, _ in node.next_functions]
+    return any(node.name() == name for node in seen)
+
+
+@pytest.mark.parametrize("spatial", [(5, 4, 3), (7, 5)], ids=["3d", "2d"])
+def test_pointwise_mlp_in_chunks_matches_its_layers_in_float64(spatial, monkeypatch):
+    """In training on a channels-last map the expanded rows are formed 11 rows at a time (2 x 60 or 35 rows: a
+    partial last chunk), in forward and again in backward: output and every gradient against the layers in
+    float64. Its output is channels-last."""
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 11 * 2 * 18 * 4)  # backward's two buffers of 18 channels
+    layers = pointwise_layers(len(spatial))
+    memory_format = torch.channels_last_3d if len(spatial) == 3 else torch.channels_last
+    x = torch.randn(2, 6, *spatial).contiguous(memory_format=memory_format).requires_grad_()
+    out = pointwise_mlp(*layers, x)
+    assert graph_has(out, "_PointwiseMLPBackward") and out.is_contiguous(memory_format=memory_format)
+    grad = torch.randn_like(out).contiguous()  # a channels-first gradient, as a loss can give
+    out.backward(grad)
+
+    reference = [layer.double() for layer in pointwise_layers(len(spatial))]
+    x64 = x.detach().double().requires_grad_()
+    expected = reference[2](reference[1](reference[0](x64)))
+    expected.backward(grad.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    pairs = [(x.grad, x64.grad)] + [(ours.grad, theirs.grad) for i in (0, 2)
+                                    for ours, theirs in zip(layers[i].parameters(), reference[i].parameters())]
+    for ours, theirs in pairs:
+        scale = theirs.abs().max()
+        torch.testing.assert_close(ours.double() / scale, theirs / scale, rtol=0, atol=1e-6)
+
+
+def test_pointwise_mlp_keeps_its_input_not_the_expanded_maps():
+    """What autograd keeps for backward: the input rows and the weights, never a tensor as large as the expanded
+    map (3 times the input here); the memory MedNeXt's blocks save in training."""
+    layers = pointwise_layers(3)
+    x = torch.randn(2, 6, 5, 4, 3).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        pointwise_mlp(*layers, x)
+    assert saved and max(saved) == x.numel()
+
+
+@pytest.mark.parametrize("case", ["inference", "channels-first", "tanh-gelu", "no-bias", "paths-off"])
+def test_pointwise_mlp_elsewhere_runs_its_layers(case, monkeypatch):
+    """Inference, channels-first maps (MedNeXt's 2D ones), another activation, a convolution without bias and the
+    CPU paths switched off (as the memory models are measured) run the layers themselves, with their numbers."""
+    from nnunet_ext.ops import cpu_kernel
+
+    expand, act, compress = pointwise_layers(3)
+    x = torch.randn(1, 6, 4, 3, 5)
+    if case != "channels-first":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    if case == "tanh-gelu":
+        act = nn.GELU(approximate="tanh")
+    if case == "no-bias":
+        compress.bias = None
+    if case == "paths-off":
+        monkeypatch.setattr(cpu_kernel, "_enabled", False)
+    with torch.set_grad_enabled(case != "inference"):
+        out = pointwise_mlp(expand, act, compress, x)
+        assert out.grad_fn is None or not graph_has(out, "_PointwiseMLPBackward")
+        assert torch.equal(out, compress(act(expand(x))))
+
+
+def test_flop_counter_counts_the_pointwise_mlp_in_chunks_as_its_layers(monkeypatch):
+    """The benchmark's FLOPs: the chunks' products count what the two 1x1 convolutions count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 11 * 2 * 18 * 4)
+    layers = pointwise_layers(3)
+    x = torch.randn(2, 6, 5, 4, 3).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    counts = []
+    for run in (lambda: layers[2](layers[1](layers[0](x))), lambda: pointwise_mlp(*layers, x)):
+        with FlopCounterMode(display=False) as counter:
+            run()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] == 2 * 2 * 2 * 60 * 6 * 18

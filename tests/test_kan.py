@@ -15,7 +15,7 @@ from torch import nn
 
 from nnunet_ext.blocks import kan
 from nnunet_ext.blocks.kan import KANConv, KANLinear, TokenizedKANLayer, shift_tokens
-from nnunet_ext.ops import b_spline, cpu_kernel
+from nnunet_ext.ops import chunks, cpu_kernel
 from nnunet_ext.ops.b_spline import b_spline_bases, b_spline_linear, uniform_grid
 from nnunet_ext.ops.reference import b_spline_basis, kan_linear_per_feature
 
@@ -155,7 +155,7 @@ def test_spline_product_in_chunks_equals_the_whole_bases(threads, monkeypatch):
     """`b_spline_linear`'s compiled path forms the bases 7 rows at a time here (30 rows: a partial last chunk),
     in forward and again in backward: output and gradients in x, the weight and the base term against the whole
     bases by the recursion in float64. The NaN row stays NaN and touches no other row's output or gradient."""
-    monkeypatch.setattr(b_spline, "_CHUNK_BYTES", 7 * 19 * 8 * 4)
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 7 * 19 * 8 * 4)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -196,7 +196,7 @@ def test_the_flop_counter_counts_the_spline_product_in_chunks(monkeypatch):
     output), the chunks' products being seen inside the autograd function."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    monkeypatch.setattr(b_spline, "_CHUNK_BYTES", 7 * 19 * 8 * 4)
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 7 * 19 * 8 * 4)
     x, grid, weight, base = spline_product_case(torch.Generator().manual_seed(8))
     with FlopCounterMode(display=False) as counter:
         b_spline_linear(x, grid, 3, weight, base, uniform=True)

@@ -16,6 +16,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from conftest import initialized_trainer, make_topology
 from nnunet_ext.networks.mednext import MedNeXtB, MedNeXtBlock, MedNeXtL, MedNeXtM, MedNeXtS
+from nnunet_ext.ops.selective_scan import pytorch_paths_only
 from nnunet_ext.tools.cli import main as cli
 from nnunet_ext.tools.memory import training_peak_bytes
 from nnunet_ext.tools.upkern import kernel5_trainer, upkern
@@ -104,12 +105,30 @@ def test_checkpointing_gives_the_same_gradients_in_less_memory_and_is_on_for_m_a
     checkpointed = MedNeXtM(FIVE_STAGES, 1, 2)
     checkpointed.load_state_dict(plain.state_dict())
     x = torch.randn(2, 1, 32, 32, 32)
-    peaks = [training_peak_bytes(net, x) for net in (plain, checkpointed)]
+    with pytorch_paths_only():  # the same layers in both: without checkpointing the CPU path's pointwise MLP
+        peaks = [training_peak_bytes(net, x) for net in (plain, checkpointed)]  # sums in another order
     for ours, reference in zip(checkpointed.parameters(), plain.parameters()):
         torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-5, atol=1e-7)
     assert peaks[1] < 0.7 * peaks[0], peaks
     with torch.no_grad():  # nothing to keep for a backward pass: no recomputation
         torch.testing.assert_close(checkpointed.eval()(x), plain.eval()(x))
+
+
+def test_on_the_cpu_path_training_keeps_no_expanded_map_and_gives_the_same_gradients():
+    """MedNeXt-B trains on the CPU path with each block's expanded maps (up to 4 times its channels, before and
+    after the GELU) formed a few rows at a time and not kept: in less than 60% of the peak its layers reach on the
+    PyTorch paths, with the gradients they give in float64."""
+    torch.manual_seed(0)
+    net, x = MedNeXtB(FIVE_STAGES, 1, 2), torch.randn(2, 1, 32, 32, 32)
+    peak = training_peak_bytes(net, x)
+    ours = {name: p.grad for name, p in net.named_parameters()}
+    with pytorch_paths_only():
+        assert peak < 0.6 * training_peak_bytes(net, x)
+    training_peak_bytes(net.double(), x.double())
+    for name, p in net.named_parameters():
+        if "conv1.bias" not in name:  # a bias before a per-channel norm: its gradient is rounding only
+            scale = p.grad.abs().max()
+            torch.testing.assert_close(ours[name].double() / scale, p.grad / scale, rtol=0, atol=2e-5, msg=name)
 
 
 def test_recipe_is_adamw_with_the_official_eps_and_nnunets_poly_schedule():

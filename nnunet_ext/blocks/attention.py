@@ -50,8 +50,10 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     fallback it takes otherwise writes the matrix out and checks every row for masking. So on CPU q and k are
     padded with zero channels to v's width: q k^T is unchanged, and the flash kernel runs (Attention U-Net's
     2d self-attention: forward 10x, forward and backward 2x faster than the written-out products). Where the
-    flash kernel is switched off (sdpa_kernel), nothing is padded: the FLOP count sees the products as defined."""
-    if not q.is_cuda and torch.backends.cuda.flash_sdp_enabled():  # the switch covers the CPU kernel too
+    flash kernel is switched off (sdpa_kernel), nothing is padded: the FLOP count sees the products as defined.
+    Nor under torch.compile, which picks its own kernel (and cannot trace the switch's query into its graph)."""
+    # flash_sdp_enabled: the switch covers the CPU kernel too
+    if not q.is_cuda and not torch.compiler.is_compiling() and torch.backends.cuda.flash_sdp_enabled():
         # the flash kernel also needs each row of channels contiguous, or it falls back as well
         width = max(v.shape[-1] - q.shape[-1], 0)
         q, k, v = F.pad(q, (0, width)).contiguous(), F.pad(k, (0, width)).contiguous(), v.contiguous()

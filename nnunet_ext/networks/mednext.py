@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from dynamic_network_architectures.building_blocks.helper import get_matching_convtransp
 
 from nnunet_ext.networks.base import SegmentationNetwork, UNetDecoder, rename_state_dict
-from nnunet_ext.ops.channels_last import depthwise_conv, group_norm
+from nnunet_ext.ops.channels_last import depthwise_conv, group_norm, pointwise_mlp
 from nnunet_ext.topology import Topology
 
 Layout = Literal["plans", "official"]
@@ -76,8 +76,11 @@ class MedNeXtBlock(nn.Module):
         return self.compute(x)
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
-        # on the CPU in 3D the maps stay channels-last from here on (nnunet_ext.ops.channels_last)
-        y = self.conv3(self.act(self.conv2(group_norm(self.norm, depthwise_conv(self.conv1, x)))))
+        # on the CPU in 3D the maps stay channels-last from here on (nnunet_ext.ops.channels_last); in training the
+        # expanded maps are formed a few rows at a time and not kept, unless the whole block is recomputed anyway
+        x_norm = group_norm(self.norm, depthwise_conv(self.conv1, x))
+        y = (self.conv3(self.act(self.conv2(x_norm))) if self.checkpointing
+             else pointwise_mlp(self.conv2, self.act, self.conv3, x_norm))
         residual = x if self.res_conv is None else self.res_conv(x)
         if self.pad is not None:
             y, residual = F.pad(y, self.pad), F.pad(residual, self.pad)

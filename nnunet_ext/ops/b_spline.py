@@ -19,7 +19,7 @@ evaluates those and places them, instead of running the recursion over every bas
 less than half the time (docs/ukan.md).
 
 A KAN layer multiplies its bases by its spline weights at once. `b_spline_linear` is that product; on the
-CPU it forms the bases a few rows at a time, so that they are never all held.
+CPU it forms the bases a few rows at a time (`chunks.in_chunks`), so that they are never all held.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_ext.ops import cpu_kernel
+from nnunet_ext.ops.chunks import in_chunks
 from nnunet_ext.ops.precision import autocast_off
 
 
@@ -189,24 +190,10 @@ class _UniformBSplineBases(torch.autograd.Function):
         return (grad.gather(-1, indices) * slopes * valid).sum(-1) / _step(grid), None, None
 
 
-# Rows whose bases `b_spline_linear` forms at once on the compiled path: about 2 MB of bases, in one buffer that
-# stays in the cache between the loop that writes them and the product that reads them. A whole layer's would go
-# to memory and back, in pages faulted in anew each time (47 MB per KANLinear at U-KAN's 3d_fullres stage of 64
-# channels). Smaller chunks measured slower: each costs two calls' overhead.
-_CHUNK_BYTES = 2 ** 21
 # A chunk's loop runs on the calling thread: it is bound by the cache's bandwidth, which a second thread does not
 # add to (1024 rows of 64 features: 10.4 ms on two threads, 10.6 ms on one), and each hand-off to another thread
 # costs about 0.1 ms.
 _LOOP_THREADS = 1
-
-
-def _in_chunks(rows: int, width: int):
-    """(slice of rows, a buffer of that many rows by `width` floats) over `rows` rows, one buffer for all."""
-    step = max(1, min(rows, _CHUNK_BYTES // (4 * width)))
-    buffer = torch.empty(step, width, dtype=torch.float32)  # the compiled loops write float32
-    for lo in range(0, rows, step):
-        hi = min(lo + step, rows)
-        yield slice(lo, hi), buffer[:hi - lo]
 
 
 class _BSplineLinear(torch.autograd.Function):
@@ -217,7 +204,7 @@ class _BSplineLinear(torch.autograd.Function):
     def forward(ctx, x, grid, order, weight, base):
         rows, *knots = _kernel_arguments(x, grid, order)
         out = torch.empty_like(base)
-        for chunk, bases in _in_chunks(rows.shape[0], weight.shape[1]):
+        for chunk, (bases,) in in_chunks(rows.shape[0], weight.shape[1]):
             cpu_kernel.b_spline_forward(rows[chunk], *knots, out=bases, threads=_LOOP_THREADS)
             torch.addmm(base[chunk], bases, weight.t(), out=out[chunk])
         ctx.save_for_backward(rows, grid, weight)
@@ -231,7 +218,7 @@ class _BSplineLinear(torch.autograd.Function):
         grad = grad.contiguous()
         grad_x = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[3] else None
-        for chunk, work in _in_chunks(rows.shape[0], weight.shape[1]):
+        for chunk, (work,) in in_chunks(rows.shape[0], weight.shape[1]):
             if grad_weight is not None:
                 cpu_kernel.b_spline_forward(rows[chunk], *knots, out=work, threads=_LOOP_THREADS)  # the bases again
                 grad_weight.addmm_(grad[chunk].t(), work)

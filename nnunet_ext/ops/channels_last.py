@@ -1,6 +1,7 @@
 """Depthwise 3D convolutions (MedNeXt's, LKA's, U-KAN's; strided and transposed: MedNeXt's down and up blocks) at
-oneDNN's forward speed on the CPU, backward too; and a GroupNorm (MedNeXt's, one group per channel) that stays
-exact on the channels-last maps they give.
+oneDNN's forward speed on the CPU, backward too; a GroupNorm (MedNeXt's, one group per channel) that stays
+exact on the channels-last maps they give; and MedNeXt's pointwise MLP (1x1 expansion, GELU, 1x1 compression),
+which in training on such maps keeps no expanded map (`pointwise_mlp`).
 
 On the CPU, oneDNN's depthwise 3D convolution is fast forward on channels-last maps (3.3 ms against 44 ms on
 channels-first ones at 2x32x40x48x48, kernel 3) but its backward is not: the input gradient takes some ten
@@ -28,6 +29,7 @@ from torch import nn
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from nnunet_ext.ops import cpu_kernel
+from nnunet_ext.ops.chunks import in_chunks
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -122,14 +124,14 @@ def depthwise_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """A channels-last 3D map (N, C, D, H, W) as the (N, positions, C) matrix its memory is, without a copy."""
-    return x.permute(0, 2, 3, 4, 1).reshape(x.shape[0], -1, x.shape[1])
+    """A channels-last map (N, C, *spatial) as the (N, positions, C) matrix its memory is, without a copy."""
+    return x.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1])
 
 
 def _map(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`_rows`' inverse: (N, positions, C) back to a channels-last map shaped as `like`."""
     n, c, *spatial = like.shape
-    return rows.view(n, *spatial, c).permute(0, 4, 1, 2, 3)
+    return rows.view(n, *spatial, c).movedim(-1, 1)
 
 
 class _ChannelNorm(torch.autograd.Function):
@@ -175,3 +177,69 @@ def group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
         return _ChannelNorm.apply(x, norm.weight, norm.bias, norm.eps)
     return norm(x.contiguous())
+
+
+class _PointwiseMLP(torch.autograd.Function):
+    """`pointwise_mlp` on the (positions, channels) rows of a channels-last map, `chunks.in_chunks` at a time:
+    each chunk's expanded rows are formed in one buffer, activated in place and compressed from the cache.
+    Autograd keeps the input rows; backward forms each chunk's expanded rows again, one product more than the
+    layers' backward (seven in all instead of six, on rows that stay in the cache)."""
+
+    @staticmethod
+    def forward(ctx, rows, weight_in, bias_in, weight_out, bias_out):
+        out = rows.new_empty(rows.shape[0], weight_out.shape[0])
+        for chunk, (hidden,) in in_chunks(rows.shape[0], weight_in.shape[0]):
+            torch.addmm(bias_in, rows[chunk], weight_in.t(), out=hidden)
+            torch.ops.aten.gelu_(hidden)
+            torch.addmm(bias_out, hidden, weight_out.t(), out=out[chunk])
+        ctx.save_for_backward(rows, weight_in, bias_in, weight_out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight_in, bias_in, weight_out = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_rows = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
+        grad_weight_in, grad_bias_in, grad_weight_out = map(torch.zeros_like, (weight_in, bias_in, weight_out))
+        width = weight_in.shape[0]
+        for chunk, (hidden, activated) in in_chunks(rows.shape[0], width, width):
+            torch.addmm(bias_in, rows[chunk], weight_in.t(), out=hidden)  # the expanded rows again
+            torch.ops.aten.gelu.out(hidden, out=activated)
+            grad_weight_out.addmm_(grad[chunk].t(), activated)
+            torch.mm(grad[chunk], weight_out, out=activated)  # the activation's gradient, then the expansion's:
+            torch.ops.aten.gelu_backward.grad_input(activated, hidden, grad_input=hidden)
+            grad_weight_in.addmm_(hidden.t(), rows[chunk])
+            grad_bias_in += hidden.sum(0)
+            if grad_rows is not None:
+                torch.mm(hidden, weight_in, out=grad_rows[chunk])
+        return grad_rows, grad_weight_in, grad_bias_in, grad_weight_out, grad.sum(0)
+
+
+def _pointwise(conv: nn.Module) -> bool:
+    """Whether `conv` is a plain 1x1 convolution with a bias: a matrix product over every position's channels."""
+    return (isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and conv.bias is not None and conv.groups == 1
+            and all(k == 1 for k in conv.kernel_size) and all(s == 1 for s in conv.stride)
+            and not isinstance(conv.padding, str) and all(p == 0 for p in conv.padding))
+
+
+def pointwise_mlp(expand: nn.Module, act: nn.Module, compress: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """compress(act(expand(x))) for 1x1 convolutions around an exact GELU: MedNeXt's block after its norm.
+
+    In training on a channels-last float32 CPU map (outside autocast and torch.compile, with the CPU paths
+    allowed: `cpu_kernel.cpu_paths_enabled`) the expanded maps, `expand`'s channels at every position before and
+    after the GELU, are not kept for backward: `_PointwiseMLP` forms them a few rows at a time in the cache, in
+    forward and again in backward (the chunks module's docstring says why). The same numbers up to the order of
+    the sums, the result channels-last. Anything else, inference included (where nothing is kept and the
+    layers measured as fast): the modules."""
+    fused = (torch.is_grad_enabled() and x.device.type == "cpu"
+             and x.dtype == expand.weight.dtype == compress.weight.dtype == torch.float32
+             and x.dim() == expand.weight.dim() and x.movedim(1, -1).is_contiguous()
+             and isinstance(act, nn.GELU) and act.approximate == "none" and _pointwise(expand) and _pointwise(compress)
+             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+             and cpu_kernel.cpu_paths_enabled())
+    if not fused:
+        return compress(act(expand(x)))
+    out = _PointwiseMLP.apply(_rows(x).flatten(0, 1), expand.weight.flatten(1), expand.bias,
+                              compress.weight.flatten(1), compress.bias)
+    n, _, *spatial = x.shape
+    return out.view(n, *spatial, -1).movedim(-1, 1)

@@ -56,7 +56,8 @@ class _Dims(ctypes.Structure):
 
 
 def use_cpu_kernel(enabled: bool) -> None:
-    """Allow (default) or forbid the compiled CPU loops; forbidden, CPU tensors take the PyTorch paths."""
+    """Allow (default) or forbid the compiled CPU loops and the other CPU paths (`cpu_paths_enabled`); forbidden,
+    CPU tensors take the PyTorch paths."""
     global _enabled
     _enabled = bool(enabled)
 
@@ -137,6 +138,13 @@ def cpu_kernel_off_reason() -> str | None:
     if not _enabled:
         return f"switched off by {_ENV}=0 or use_cpu_kernel(False)"
     return _load()[1]
+
+
+def cpu_paths_enabled() -> bool:
+    """Whether CPU tensors may take this package's CPU paths at all (`use_cpu_kernel`, NNUNET_EXT_CPU_KERNEL):
+    those in plain PyTorch too, such as MedNeXt's pointwise MLP in chunks. The compiled loops need the library
+    as well (`cpu_kernel_available`)."""
+    return _enabled
 
 
 def cpu_kernel_available() -> bool:

@@ -71,9 +71,9 @@ def kernels_off_reason() -> str | None:
 
 @contextlib.contextmanager
 def pytorch_paths_only():
-    """Inside the block, Mamba's ops (and U-KAN's B-spline bases) take their PyTorch paths: neither the
-    compiled CPU loops nor mamba_ssm's kernels. That is what a device without either runs (a GPU's
-    bases always do), and it needs the most memory."""
+    """Inside the block, Mamba's ops (and U-KAN's B-spline bases, MedNeXt's pointwise MLP) take their PyTorch
+    paths: neither the CPU paths nor mamba_ssm's kernels. That is what a device without either runs (a GPU's
+    bases and MLPs always do), and it needs the most memory."""
     saved = cpu_kernel._enabled, _use_kernels
     cpu_kernel.use_cpu_kernel(False)
     use_kernels(False)

@@ -169,8 +169,9 @@ def build(name: str, architecture: dict, patch_size: Sequence[int], input_channe
 def measure(name: str, patch_size: Sequence[int], batch: int = FIT_BATCH, input_channels: int = 1,
             num_classes: int = 3) -> dict:
     """Footprint and measured training peak of `name` on the default plans topology for `patch_size`,
-    with Mamba's ops and U-KAN's bases on their PyTorch paths: a GPU without mamba_ssm runs those, and
-    they keep more for backward than the compiled CPU loops or mamba_ssm's kernels, so plans fit either way."""
+    with Mamba's ops, U-KAN's bases and MedNeXt's pointwise MLP on their PyTorch paths: a GPU without mamba_ssm
+    runs those, and they keep more for backward than the CPU paths or mamba_ssm's kernels, so plans fit either
+    way."""
     torch.manual_seed(0)
     patch, architecture = default_plans_architecture(patch_size)
     net = build(name, architecture, patch, input_channels, num_classes)
