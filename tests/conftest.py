@@ -167,6 +167,16 @@ def cpu_path(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["sgemm", "onednn"])
+def products(request, monkeypatch):
+    """Run a test with every matrix product of nnunet_ext.ops.linear by PyTorch's (MKL's sgemm) and by oneDNN's
+    convolution, whatever its size (the tests' products are smaller than the threshold)."""
+    from nnunet_ext.ops import linear
+
+    monkeypatch.setattr(linear, "MIN_MULTIPLY_ADDS", 0 if request.param == "onednn" else 2 ** 62)
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def mamba_ssm():
     """The real mamba_ssm's Mamba and selective_scan_ref, importable on CPU (tests/mamba_ssm_reference.py)."""

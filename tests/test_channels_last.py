@@ -93,14 +93,16 @@ def test_inference_runs_the_convolution_on_channels_last_maps(case):
     assert out.is_contiguous(memory_format=torch.channels_last_3d)
 
 
-def test_group_norm_is_exact_on_channels_last_maps_where_pytorchs_is_not():
+@pytest.mark.parametrize("spatial", [(5, 8, 7), (40, 70)], ids=["3d", "2d"])
+def test_group_norm_is_exact_on_channels_last_maps_where_pytorchs_is_not(spatial):
     """A channel of mean 3 and deviation 0.01: PyTorch's CPU GroupNorm on the channels-last map is off by whole
     units (E[x^2] - E[x]^2 in float32); group_norm matches float64 in output and every gradient."""
     torch.manual_seed(0)
     norm = nn.GroupNorm(6, 6)
     with torch.no_grad():
         norm.weight.normal_(), norm.bias.normal_()
-    x = (torch.randn(2, 6, 5, 8, 7) * 0.01 + 3).contiguous(memory_format=torch.channels_last_3d).requires_grad_()
+    memory_format = torch.channels_last_3d if len(spatial) == 3 else torch.channels_last
+    x = (torch.randn(2, 6, *spatial) * 0.01 + 3).contiguous(memory_format=memory_format).requires_grad_()
     reference = nn.GroupNorm(6, 6).double()
     reference.load_state_dict(norm.state_dict())
     x64 = x.detach().double().requires_grad_()
@@ -108,7 +110,7 @@ def test_group_norm_is_exact_on_channels_last_maps_where_pytorchs_is_not():
     assert (norm(x).double() - expected).abs().max() > 0.1  # the reason group_norm exists
 
     out = group_norm(norm, x)
-    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert out.is_contiguous(memory_format=memory_format)
     grad = torch.randn_like(out).contiguous()
     out.backward(grad)
     expected.backward(grad.double())
@@ -170,10 +172,10 @@ def graph_has(out: torch.Tensor, name: str) -> bool:
 
 
 @pytest.mark.parametrize("spatial", [(5, 4, 3), (7, 5)], ids=["3d", "2d"])
-def test_pointwise_mlp_in_chunks_matches_its_layers_in_float64(spatial, monkeypatch):
+def test_pointwise_mlp_in_chunks_matches_its_layers_in_float64(spatial, products, monkeypatch):
     """In training on a channels-last map the expanded rows are formed 11 rows at a time (2 x 60 or 35 rows: a
-    partial last chunk), in forward and again in backward: output and every gradient against the layers in
-    float64. Its output is channels-last."""
+    partial last chunk), in forward and again in backward, their products by sgemm and by oneDNN: output and every
+    gradient against the layers in float64. Its output is channels-last."""
     monkeypatch.setattr(chunks, "CHUNK_BYTES", 11 * 2 * 18 * 4)  # backward's two buffers of 18 channels
     layers = pointwise_layers(len(spatial))
     memory_format = torch.channels_last_3d if len(spatial) == 3 else torch.channels_last
@@ -208,8 +210,9 @@ def test_pointwise_mlp_keeps_its_input_not_the_expanded_maps():
 
 @pytest.mark.parametrize("case", ["inference", "channels-first", "tanh-gelu", "no-bias", "paths-off"])
 def test_pointwise_mlp_elsewhere_runs_its_layers(case, monkeypatch):
-    """Inference, channels-first maps (MedNeXt's 2D ones), another activation, a convolution without bias and the
-    CPU paths switched off (as the memory models are measured) run the layers themselves, with their numbers."""
+    """Inference, channels-first maps (MedNeXt's on CUDA and under torch.compile), another activation, a
+    convolution without bias and the CPU paths switched off (as the memory models are measured) run the layers
+    themselves, with their numbers."""
     from nnunet_ext.ops import cpu_kernel
 
     expand, act, compress = pointwise_layers(3)

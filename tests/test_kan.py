@@ -151,10 +151,11 @@ def spline_product_case(generator, rows=30, features=19, out_features=5):
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_spline_product_in_chunks_equals_the_whole_bases(threads, monkeypatch):
+def test_spline_product_in_chunks_equals_the_whole_bases(threads, products, monkeypatch):
     """`b_spline_linear`'s compiled path forms the bases 7 rows at a time here (30 rows: a partial last chunk),
     in forward and again in backward: output and gradients in x, the weight and the base term against the whole
-    bases by the recursion in float64. The NaN row stays NaN and touches no other row's output or gradient."""
+    bases by the recursion in float64, the chunks' products by sgemm and by oneDNN. The NaN row stays NaN and
+    touches no other row's output or gradient."""
     monkeypatch.setattr(chunks, "CHUNK_BYTES", 7 * 19 * 8 * 4)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

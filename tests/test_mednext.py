@@ -114,12 +114,14 @@ def test_checkpointing_gives_the_same_gradients_in_less_memory_and_is_on_for_m_a
         torch.testing.assert_close(checkpointed.eval()(x), plain.eval()(x))
 
 
-def test_on_the_cpu_path_training_keeps_no_expanded_map_and_gives_the_same_gradients():
-    """MedNeXt-B trains on the CPU path with each block's expanded maps (up to 4 times its channels, before and
-    after the GELU) formed a few rows at a time and not kept: in less than 60% of the peak its layers reach on the
-    PyTorch paths, with the gradients they give in float64."""
+@pytest.mark.parametrize("dim", [3, 2])
+def test_on_the_cpu_path_training_keeps_no_expanded_map_and_gives_the_same_gradients(dim):
+    """MedNeXt-B trains on the CPU path, 2D maps channels-last as 3D ones, with each block's expanded maps (up to 4
+    times its channels, before and after the GELU) formed a few rows at a time and not kept: in less than 60% of
+    the peak its layers reach on the PyTorch paths, with the gradients they give in float64."""
     torch.manual_seed(0)
-    net, x = MedNeXtB(FIVE_STAGES, 1, 2), torch.randn(2, 1, 32, 32, 32)
+    topology = FIVE_STAGES if dim == 3 else make_topology(2, [(1, 1)] + [(2, 2)] * 4, [4, 8, 16, 32, 32], (128, 128))
+    net, x = MedNeXtB(topology, 1, 2), torch.randn(2, 1, *topology.patch_size)
     peak = training_peak_bytes(net, x)
     ours = {name: p.grad for name, p in net.named_parameters()}
     with pytorch_paths_only():

@@ -25,6 +25,7 @@ from nnunet_ext.errors import ConfigurationError
 from nnunet_ext.ops.b_spline import (b_spline_bases, b_spline_linear, equally_spaced, fit_spline_coefficients,
                                       uniform_grid)
 from nnunet_ext.ops.channels_last import depthwise_conv
+from nnunet_ext.ops.linear import linear
 
 TokenMixer = Literal["kan", "mlp"]  # KANLinear, or nn.Linear (the paper's ablation)
 TOKEN_MIXERS = get_args(TokenMixer)
@@ -121,7 +122,7 @@ class KANLinear(_KnotGrid):
             raise ValueError(f"KANLinear expects {self.in_features} features in the last axis, got {tuple(x.shape)}.")
         leading = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
-        base = F.linear(self.base_activation(x), self.base_weight)
+        base = linear(self.base_activation(x), self.base_weight)
         # Bases in float32 at least; the product then follows autocast like any linear layer.
         out = b_spline_linear(x, self.grid, self.spline_order, self.scaled_spline_weight.flatten(1), base, self.uniform)
         return out.reshape(*leading, self.out_features)
@@ -253,10 +254,10 @@ def shift_tokens(x: torch.Tensor, axis: int, groups: int = 5) -> torch.Tensor:
 def _official_linear(channels: int) -> nn.Linear:
     """The MLP ablation's token mixer with the official code's initialisation (truncated normal,
     std 0.02, zero bias)."""
-    linear = nn.Linear(channels, channels)
-    nn.init.trunc_normal_(linear.weight, std=0.02)
-    nn.init.zeros_(linear.bias)
-    return linear
+    layer = nn.Linear(channels, channels)
+    nn.init.trunc_normal_(layer.weight, std=0.02)
+    nn.init.zeros_(layer.bias)
+    return layer
 
 
 class TokenizedKANLayer(nn.Module):

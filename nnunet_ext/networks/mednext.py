@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from dynamic_network_architectures.building_blocks.helper import get_matching_convtransp
 
 from nnunet_ext.networks.base import SegmentationNetwork, UNetDecoder, rename_state_dict
-from nnunet_ext.ops.channels_last import depthwise_conv, group_norm, pointwise_mlp
+from nnunet_ext.ops.channels_last import depthwise_conv, group_norm, pointwise_mlp, to_channels_last
 from nnunet_ext.topology import Topology
 
 Layout = Literal["plans", "official"]
@@ -65,6 +65,7 @@ class MedNeXtBlock(nn.Module):
         self.conv3 = conv_op(expansion * input_channels, output_channels, 1)
         changes_shape = any(s != 1 for s in stride) or input_channels != output_channels
         self.res_conv = resample(input_channels, output_channels, 1, stride=stride) if changes_shape else None
+        self.transposed = transposed
         # F.pad's order: last axis first, (before, after) each
         self.pad = [p for s in reversed(stride) for p in (s - 1, 0)] if transposed and any(s != 1 for s in stride) \
             else None
@@ -76,15 +77,32 @@ class MedNeXtBlock(nn.Module):
         return self.compute(x)
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
-        # on the CPU in 3D the maps stay channels-last from here on (nnunet_ext.ops.channels_last); in training the
-        # expanded maps are formed a few rows at a time and not kept, unless the whole block is recomputed anyway
+        # On the CPU the maps stay channels-last from here on (nnunet_ext.ops.channels_last; depthwise_conv makes 3D
+        # maps so, and 2D ones are made so here): there oneDNN's 1x1 convolutions and products of the channels at
+        # every position are fast. In training the expanded maps are formed a few rows at a time and not kept,
+        # unless the whole block is recomputed anyway.
+        if x.dim() == 4 and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            x = to_channels_last(x)
         x_norm = group_norm(self.norm, depthwise_conv(self.conv1, x))
         y = (self.conv3(self.act(self.conv2(x_norm))) if self.checkpointing
              else pointwise_mlp(self.conv2, self.act, self.conv3, x_norm))
-        residual = x if self.res_conv is None else self.res_conv(x)
+        residual = self.residual(x)
         if self.pad is not None:
             y, residual = F.pad(y, self.pad), F.pad(residual, self.pad)
         return y + residual
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's input, through `res_conv` where the block resamples or changes the width. On the CPU a
+        strided 1x1 convolution runs as the 1x1 convolution of every stride-th position, the same sums: oneDNN's
+        weight gradient of the strided one on channels-last maps of fewer channels than its vector holds writes
+        past its buffer (oneDNN issue 6035; in torch 2.14 a heap corruption at 4 to 12 channels in 2D)."""
+        conv = self.res_conv
+        if conv is None:
+            return x
+        if x.device.type == "cpu" and not self.transposed and any(s != 1 for s in conv.stride):
+            every = (..., *(slice(None, None, s) for s in conv.stride))
+            return (F.conv2d if x.dim() == 4 else F.conv3d)(x[every], conv.weight, conv.bias)
+        return conv(x)
 
 
 def blocks_of(conv_op: type[nn.Module], width: int, expansion: int, kernel_size, count: int) -> nn.Sequential:

@@ -19,7 +19,8 @@ evaluates those and places them, instead of running the recursion over every bas
 less than half the time (docs/ukan.md).
 
 A KAN layer multiplies its bases by its spline weights at once. `b_spline_linear` is that product; on the
-CPU it forms the bases a few rows at a time (`chunks.in_chunks`), so that they are never all held.
+CPU it forms the bases a few rows at a time (`chunks.in_chunks`), so that they are never all held, and multiplies
+them by oneDNN where that is faster than PyTorch's sgemm (`linear`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nnunet_ext.ops import cpu_kernel
+from nnunet_ext.ops import cpu_kernel, linear
 from nnunet_ext.ops.chunks import in_chunks
 from nnunet_ext.ops.precision import autocast_off
 
@@ -206,7 +207,7 @@ class _BSplineLinear(torch.autograd.Function):
         out = torch.empty_like(base)
         for chunk, (bases,) in in_chunks(rows.shape[0], weight.shape[1]):
             cpu_kernel.b_spline_forward(rows[chunk], *knots, out=bases, threads=_LOOP_THREADS)
-            torch.addmm(base[chunk], bases, weight.t(), out=out[chunk])
+            linear.addmm(base[chunk], bases, weight, out=out[chunk])
         ctx.save_for_backward(rows, grid, weight)
         ctx.order = order
         return out
@@ -218,13 +219,15 @@ class _BSplineLinear(torch.autograd.Function):
         grad = grad.contiguous()
         grad_x = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[3] else None
-        for chunk, (work,) in in_chunks(rows.shape[0], weight.shape[1]):
+        for chunk, (bases,) in in_chunks(rows.shape[0], weight.shape[1]):
             if grad_weight is not None:
-                cpu_kernel.b_spline_forward(rows[chunk], *knots, out=work, threads=_LOOP_THREADS)  # the bases again
-                grad_weight.addmm_(grad[chunk].t(), work)
+                cpu_kernel.b_spline_forward(rows[chunk], *knots, out=bases, threads=_LOOP_THREADS)  # the bases again
+            grad_bases, chunk_grad_weight = linear.linear_backward(grad[chunk], bases, weight, grad_x is not None,
+                                                                   grad_weight is not None)
+            if grad_weight is not None:
+                grad_weight += chunk_grad_weight
             if grad_x is not None:
-                torch.mm(grad[chunk], weight, out=work)  # the bases' gradient
-                cpu_kernel.b_spline_backward(rows[chunk], *knots, work, out=grad_x[chunk], threads=_LOOP_THREADS)
+                cpu_kernel.b_spline_backward(rows[chunk], *knots, grad_bases, out=grad_x[chunk], threads=_LOOP_THREADS)
         return grad_x, None, None, grad_weight, grad
 
 

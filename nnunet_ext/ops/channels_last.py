@@ -1,7 +1,7 @@
 """Depthwise 3D convolutions (MedNeXt's, LKA's, U-KAN's; strided and transposed: MedNeXt's down and up blocks) at
 oneDNN's forward speed on the CPU, backward too; a GroupNorm (MedNeXt's, one group per channel) that stays
-exact on the channels-last maps they give; and MedNeXt's pointwise MLP (1x1 expansion, GELU, 1x1 compression),
-which in training on such maps keeps no expanded map (`pointwise_mlp`).
+exact on the channels-last maps they give, 2D ones too; and MedNeXt's pointwise MLP (1x1 expansion, GELU, 1x1
+compression), which in training on such maps keeps no expanded map (`pointwise_mlp`).
 
 On the CPU, oneDNN's depthwise 3D convolution is fast forward on channels-last maps (3.3 ms against 44 ms on
 channels-first ones at 2x32x40x48x48, kernel 3) but its backward is not: the input gradient takes some ten
@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
-from nnunet_ext.ops import cpu_kernel
-from nnunet_ext.ops.chunks import in_chunks
+from nnunet_ext.ops import chunks, cpu_kernel, linear
 
 
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last_3d)
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A 2D or 3D map in channels-last memory (itself if it is)."""
+    return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
 
 
 def _strided(x, weight, bias, stride, padding, dilation):
@@ -83,7 +83,7 @@ class _DepthwiseConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        grad = _channels_last(grad)
+        grad = to_channels_last(grad)
         geometry, kernel = ctx.geometry, tuple(weight.shape[2:])
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -106,7 +106,7 @@ def depthwise_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
                  and conv.groups == conv.in_channels == conv.out_channels and not isinstance(conv.padding, str))
     if not depthwise or x.device.type != "cpu" or torch.compiler.is_compiling():  # inductor picks its own layouts
         return conv(x)
-    x = _channels_last(x)
+    x = to_channels_last(x)
     # float32 outside autocast, and a flipped kernel that needs no negative padding
     if not (x.dtype == conv.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
             and all(p <= d * (k - 1) for k, p, d in zip(conv.kernel_size, conv.padding, conv.dilation))):
@@ -153,7 +153,7 @@ class _ChannelNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, mean, rstd = ctx.saved_tensors
-        rows, grad_rows = _rows(x), _rows(_channels_last(grad))
+        rows, grad_rows = _rows(x), _rows(to_channels_last(grad))
         sum_grad = grad_rows.sum(1, keepdim=True)
         sum_grad_normalised = ((grad_rows * rows).sum(1, keepdim=True) - mean * sum_grad) * rstd  # of grad * x-hat
         # grad_x = a grad + b x + c per sample and channel (the GroupNorm backward written out)
@@ -166,11 +166,11 @@ class _ChannelNorm(torch.autograd.Function):
 
 
 def group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """norm(x), exact on channels-last 3D CPU maps (module docstring): with one group per channel, `_ChannelNorm`
-    for float32 outside autocast and torch.compile; else the norm of a channels-first copy. Any other map:
-    norm(x)."""
-    channels_last = (x.device.type == "cpu" and x.dim() == 5 and not x.is_contiguous()
-                     and x.is_contiguous(memory_format=torch.channels_last_3d))
+    """norm(x), exact on channels-last CPU maps, 2D or 3D (module docstring): with one group per channel,
+    `_ChannelNorm` for float32 outside autocast and torch.compile; else the norm of a channels-first copy. Any
+    other map: norm(x)."""
+    channels_last = (x.device.type == "cpu" and x.dim() in (4, 5) and not x.is_contiguous()
+                     and x.movedim(1, -1).is_contiguous())
     if not channels_last:
         return norm(x)
     if (norm.num_groups == norm.num_channels and norm.affine and x.dtype == norm.weight.dtype == torch.float32
@@ -180,18 +180,17 @@ def group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
 
 
 class _PointwiseMLP(torch.autograd.Function):
-    """`pointwise_mlp` on the (positions, channels) rows of a channels-last map, `chunks.in_chunks` at a time:
-    each chunk's expanded rows are formed in one buffer, activated in place and compressed from the cache.
-    Autograd keeps the input rows; backward forms each chunk's expanded rows again, one product more than the
-    layers' backward (seven in all instead of six, on rows that stay in the cache)."""
+    """`pointwise_mlp` on the (positions, channels) rows of a channels-last map, `chunks.slices` at a time: each
+    chunk's expanded rows are formed, activated in place and compressed from the cache, the products by oneDNN
+    where it is faster (`linear`). Autograd keeps the input rows; backward forms each chunk's expanded rows again,
+    one product more than the layers' backward (seven in all instead of six, on rows that stay in the cache)."""
 
     @staticmethod
     def forward(ctx, rows, weight_in, bias_in, weight_out, bias_out):
         out = rows.new_empty(rows.shape[0], weight_out.shape[0])
-        for chunk, (hidden,) in in_chunks(rows.shape[0], weight_in.shape[0]):
-            torch.addmm(bias_in, rows[chunk], weight_in.t(), out=hidden)
-            torch.ops.aten.gelu_(hidden)
-            torch.addmm(bias_out, hidden, weight_out.t(), out=out[chunk])
+        for chunk in chunks.slices(rows.shape[0], weight_in.shape[0]):
+            hidden = torch.ops.aten.gelu_(linear.addmm(bias_in, rows[chunk], weight_in))
+            linear.addmm(bias_out, hidden, weight_out, out=out[chunk])
         ctx.save_for_backward(rows, weight_in, bias_in, weight_out)
         return out
 
@@ -202,16 +201,18 @@ class _PointwiseMLP(torch.autograd.Function):
         grad_rows = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
         grad_weight_in, grad_bias_in, grad_weight_out = map(torch.zeros_like, (weight_in, bias_in, weight_out))
         width = weight_in.shape[0]
-        for chunk, (hidden, activated) in in_chunks(rows.shape[0], width, width):
-            torch.addmm(bias_in, rows[chunk], weight_in.t(), out=hidden)  # the expanded rows again
-            torch.ops.aten.gelu.out(hidden, out=activated)
-            grad_weight_out.addmm_(grad[chunk].t(), activated)
-            torch.mm(grad[chunk], weight_out, out=activated)  # the activation's gradient, then the expansion's:
-            torch.ops.aten.gelu_backward.grad_input(activated, hidden, grad_input=hidden)
-            grad_weight_in.addmm_(hidden.t(), rows[chunk])
-            grad_bias_in += hidden.sum(0)
+        for chunk in chunks.slices(rows.shape[0], width, width):
+            hidden = linear.addmm(bias_in, rows[chunk], weight_in)  # the expanded rows again
+            activated = torch.ops.aten.gelu(hidden)
+            grad_activated, chunk_grad_weight = linear.linear_backward(grad[chunk], activated, weight_out)
+            grad_weight_out += chunk_grad_weight
+            grad_hidden = torch.ops.aten.gelu_backward.grad_input(grad_activated, hidden, grad_input=hidden)
+            chunk_grad_rows, chunk_grad_weight = linear.linear_backward(grad_hidden, rows[chunk], weight_in,
+                                                                        grad_rows is not None)
+            grad_weight_in += chunk_grad_weight
+            grad_bias_in += grad_hidden.sum(0)
             if grad_rows is not None:
-                torch.mm(hidden, weight_in, out=grad_rows[chunk])
+                grad_rows[chunk] = chunk_grad_rows
         return grad_rows, grad_weight_in, grad_bias_in, grad_weight_out, grad.sum(0)
 
 

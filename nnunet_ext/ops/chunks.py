@@ -4,9 +4,10 @@ U-KAN's spline product (`b_spline.b_spline_linear`) and MedNeXt's pointwise MLP 
 form, for every row of their input, a row several times as wide that a matrix product then reduces: a KAN
 layer's bases, MedNeXt's expanded channels. Formed for the whole map they go to memory and back, in pages
 faulted in anew each time (47 MB per layer at the 3d_fullres stages of 32 to 64 channels); formed about 2 MB at
-a time into buffers that every chunk reuses, they stay in the L2 cache (2 MB per core here) between the
-operation that writes them and the product that reads them, and are never all held, so backward forms them
-again chunk by chunk instead of keeping them. Smaller chunks measured slower: each costs its calls' overhead.
+a time, they stay in the L2 cache (2 MB per core here) between the operation that writes them and the product
+that reads them, and are never all held, so backward forms them again chunk by chunk instead of keeping them.
+Smaller chunks measured slower: each costs its calls' overhead. The compiled loops write into buffers that every
+chunk reuses (`in_chunks`); a product's output of a chunk's size comes from the allocator's free memory again.
 """
 
 from __future__ import annotations
@@ -16,11 +17,19 @@ import torch
 CHUNK_BYTES = 2 ** 21
 
 
-def in_chunks(rows: int, *widths: int):
-    """(slice of rows, one float32 buffer of that many rows per width) over `rows` rows; the buffers are the
-    same for every chunk, about CHUNK_BYTES in all."""
-    step = max(1, min(rows, CHUNK_BYTES // (4 * sum(widths))))
-    buffers = [torch.empty(step, width, dtype=torch.float32) for width in widths]  # what the loops write
+def _rows_per_chunk(rows: int, widths) -> int:
+    return max(1, min(rows, CHUNK_BYTES // (4 * sum(widths))))
+
+
+def slices(rows: int, *widths: int):
+    """Slices of `rows` rows, each about CHUNK_BYTES of float32 rows of all `widths` together."""
+    step = _rows_per_chunk(rows, widths)
     for lo in range(0, rows, step):
-        hi = min(lo + step, rows)
-        yield slice(lo, hi), [buffer[:hi - lo] for buffer in buffers]
+        yield slice(lo, min(lo + step, rows))
+
+
+def in_chunks(rows: int, *widths: int):
+    """`slices`, each with one float32 buffer of its rows per width; the buffers are the same for every chunk."""
+    buffers = [torch.empty(_rows_per_chunk(rows, widths), width, dtype=torch.float32) for width in widths]
+    for chunk in slices(rows, *widths):
+        yield chunk, [buffer[:chunk.stop - chunk.start] for buffer in buffers]
