@@ -54,7 +54,8 @@ def test_benchmark_command_compares_with_nnunets_network_and_primus(planned, tmp
               env=planned.env())
     assert out.returncode == 0, out.stderr
     names = ["nnU-Net", "Primus-B", *chosen]  # the tiny 3d plans' patch divides by 8
-    assert f"[{len(names)}/{len(names)}] {names[-1]}" in out.stderr  # progress
+    runs = len(names) + 1  # nnU-Net's network timed again at the end
+    assert f"[{len(names)}/{runs}] {names[-1]}" in out.stderr and f"[{runs}/{runs}] nnU-Net again" in out.stderr
     lines = out.stdout.splitlines()
     assert "patch (" in lines[0] and "batch 2" in lines[0] and "its PlainConvUNet" in lines[0]
     assert lines[1].split()[:4] == ["network", "parameters", "vs", "nnU-Net"]
@@ -65,6 +66,8 @@ def test_benchmark_command_compares_with_nnunets_network_and_primus(planned, tmp
     report = json.loads(stem.with_suffix(".json").read_text())
     assert [r["network"] for r in report["rows"]] == names
     reference = report["rows"][0]
+    for key in bm.REFERENCE_TIMES:  # the mean of the two measurements, each a median of its repeats
+        assert reference[key] == pytest.approx((reference[f"{key}_first"] + reference[f"{key}_last"]) / 2)
     for r in report["rows"]:
         for key in bm.NETWORK_FIGURES:
             assert r[key] > 0 and r[f"{key}_vs_nnunet"] == pytest.approx(r[key] / reference[key])

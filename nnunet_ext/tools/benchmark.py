@@ -124,21 +124,33 @@ THROUGHPUTS = {"train_throughput_vs_nnunet": ("train_seconds", "throughput, trai
                "inference_throughput_vs_nnunet": ("inference_seconds", "throughput, inference")}
 
 
+# The reference's figures measured at both ends of a run and averaged.
+REFERENCE_TIMES = ("train_seconds", "inference_seconds")
+
+
 def benchmark_networks(names, dataset, configuration: str, plans: str = "nnUNetPlans",
                        device: str = "cpu", repeats: int = 3, progress=print) -> dict:
     """Parameters, forward FLOPs per patch, training-step time, one-patch inference time and peak
     memory of each architecture and of the references (nnU-Net's own network first, then Primus
-    where the plans allow it), at the plans' patch and batch size. Needs the plans only, not
-    preprocessed data. Returns the report: the setting, one row per network with each figure and its
-    ratio to nnU-Net's network, and notes on references left out."""
+    where the plans allow it), at the plans' patch and batch size; nnU-Net's network is timed again at the
+    end (`REFERENCE_TIMES`). Needs the plans only, not preprocessed data. Returns the report: the setting, one
+    row per network with each figure and its ratio to nnU-Net's network, and notes on references left out."""
     cm = load_configuration(dataset, configuration, plans)[0]
     notes = [f"Primus-B left out: {why}."] if (why := primus_unsupported(cm)) else []
     names = [n for n in REFERENCES if not (n == "Primus-B" and why)] + list(names)
+    # nnU-Net's network once more at the end: every ratio divides by its times, which a quick or slow minute of a
+    # shared machine would otherwise set alone; its times are the mean of both measurements.
+    runs = names + ["nnU-Net"]
     rows = []
-    for i, name in enumerate(names, 1):
-        progress(f"  [{i}/{len(names)}] {name}: {repeats + 1} training steps and {repeats + 1} patch "
+    for i, name in enumerate(runs, 1):
+        again = " again, its times the mean of both" if i == len(runs) else ""
+        progress(f"  [{i}/{len(runs)}] {name}{again}: {repeats + 1} training steps and {repeats + 1} patch "
                  "predictions at the plans' patch and batch size ...")
         rows.append(isolated(_measure_network, name, dataset, configuration, plans, device, repeats, device=device))
+    last = rows.pop()
+    for key in REFERENCE_TIMES:
+        rows[0][f"{key}_first"], rows[0][f"{key}_last"] = rows[0][key], last[key]
+        rows[0][key] = (rows[0][key] + last[key]) / 2
     for row in rows:
         for key in NETWORK_FIGURES:
             row[f"{key}_vs_nnunet"] = row[key] / rows[0][key] if rows[0][key] else None
@@ -202,7 +214,7 @@ def main(args) -> int:
                                 args.repeats, progress=progress)
     print(f"{report['dataset']} {args.configuration} ({args.plans}): patch {tuple(report['patch_size'])}, batch "
           f"{report['batch_size']}, {args.device}; median of {args.repeats}; nnU-Net: its {report['reference']} "
-          "from these plans")
+          "from these plans, timed first and last (the mean)")
     print(text_table(network_table(report)))
     for note in report["notes"]:
         print(note)
