@@ -97,6 +97,54 @@ def test_benchmark_needs_only_the_plans_and_leaves_primus_out_of_2d(planned, tmp
     assert lines[-1].startswith("Written: ")
 
 
+def test_rounds_report_the_median_of_each_rounds_ratios(planned, monkeypatch, tmp_path, capsys):
+    """With --rounds, every network's ratio is the median of its rounds' ratios, each against the reference
+    times of its own round (not the ratio of the medians), and the table shows the rounds' range. The
+    measurements are stand-ins: seconds per (round, network), nnU-Net's twice per round."""
+    seconds = {1: {"nnU-Net": [1.0, 1.0], "vit_hybrid": [3.0]}, 2: {"nnU-Net": [2.0, 2.0], "vit_hybrid": [2.0]},
+               3: {"nnU-Net": [3.0, 5.0], "vit_hybrid": [8.0]}}
+    calls = []
+
+    def measured(function, name, *args, device):
+        assert function is bm._measure_network and device == "cpu"
+        calls.append(name)
+        round_ = 1 + sum(c == "nnU-Net" for c in calls[:-1]) // 2
+        t = seconds[round_][name].pop(0)
+        return {"network": name, "parameters": 10, "flops": 2e9 if name == "vit_hybrid" else 1e9,
+                "train_seconds": t, "inference_seconds": t / 10, "peak_bytes": 100 * round_}
+
+    monkeypatch.setattr(bm, "isolated", measured)
+    monkeypatch.setenv("nnUNet_preprocessed", str(planned.preprocessed))
+    assert main(["benchmark", "-d", planned.dataset, "-c", "2d", "-a", "vit_hybrid", "--repeats", "1",
+                 "--rounds", "3", "-o", str(tmp_path)]) == 0
+    assert calls == ["nnU-Net", "vit_hybrid", "nnU-Net"] * 3
+    report = json.loads((tmp_path / f"benchmark_{planned.dataset}_nnUNetPlans_2d_cpu.json").read_text())
+    assert report["rounds"] == 3 and len(report["round_rows"]) == 3
+    reference, network = report["rows"]
+    # the rounds' times: vit_hybrid 3, 2, 8 s against nnU-Net's means 1, 2, 4 s: ratios 3, 1, 2
+    assert [rows[1]["train_seconds_vs_nnunet"] for rows in report["round_rows"]] == [3.0, 1.0, 2.0]
+    assert network["train_seconds_vs_nnunet"] == 2.0  # the ratio of the medians would be 3 / 2
+    assert network["train_seconds"] == 3.0 and reference["train_seconds"] == 2.0
+    assert reference["train_seconds_first"] == 2.0 and reference["train_seconds_last"] == 2.0  # (3 + 5) / 2 is 4
+    assert network["train_throughput_vs_nnunet"] == 1.0  # 2x the FLOPs: 2 / 3, 2, 1
+    assert network["peak_bytes"] == 200 and network["flops_vs_nnunet"] == 2.0
+    out = capsys.readouterr().out.splitlines()
+    assert "median of 3 rounds (their range)" in out[0]
+    cells = out[4].split()
+    assert cells[0] == "vit_hybrid" and "2.00x" in cells and "1.50x" not in cells  # the median ratio, as above
+    assert cells[-4:] == ["1.00", "(0.67-2.00)"] * 2 and out[3].split()[-4:] == ["1.00", "(1.00-1.00)"] * 2
+
+
+def test_counts_must_be_whole_numbers_of_at_least_one(capsys):
+    for command, option, value in (("benchmark", "--repeats", "0"), ("benchmark", "--rounds", "-2"),
+                                   ("benchmark", "--rounds", "two"), ("benchmark-scan", "--repeats", "0"),
+                                   ("gpu-check", "--steps", "0")):
+        with pytest.raises(SystemExit) as stopped:
+            main([command, option, value] + (["-d", "999"] if command == "benchmark" else []))
+        assert stopped.value.code == 2
+        assert f"argument {option}: '{value}' is not a whole number of at least 1" in capsys.readouterr().err
+
+
 def test_flop_count_is_two_per_multiply_accumulate_of_every_convolution():
     """forward_flops against a count from the layers' shapes (forward hooks) on nnU-Net's U-Net."""
     from dynamic_network_architectures.architectures.unet import PlainConvUNet

@@ -65,7 +65,6 @@ class MedNeXtBlock(nn.Module):
         self.conv3 = conv_op(expansion * input_channels, output_channels, 1)
         changes_shape = any(s != 1 for s in stride) or input_channels != output_channels
         self.res_conv = resample(input_channels, output_channels, 1, stride=stride) if changes_shape else None
-        self.transposed = transposed
         # F.pad's order: last axis first, (before, after) each
         self.pad = [p for s in reversed(stride) for p in (s - 1, 0)] if transposed and any(s != 1 for s in stride) \
             else None
@@ -99,7 +98,7 @@ class MedNeXtBlock(nn.Module):
         conv = self.res_conv
         if conv is None:
             return x
-        if x.device.type == "cpu" and not self.transposed and any(s != 1 for s in conv.stride):
+        if x.device.type == "cpu" and not conv.transposed and any(s != 1 for s in conv.stride):
             every = (..., *(slice(None, None, s) for s in conv.stride))
             return (F.conv2d if x.dim() == 4 else F.conv3d)(x[every], conv.weight, conv.bias)
         return conv(x)

@@ -41,7 +41,7 @@ def by_onednn(rows: torch.Tensor, weight: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and cpu_kernel.cpu_paths_enabled())
 
 
-def _rows(image: torch.Tensor) -> torch.Tensor:
+def _from_image(image: torch.Tensor) -> torch.Tensor:
     """`_image`'s inverse: a channels-last (1, c, n, 1) map as its (n, c) rows, a view."""
     return image.permute(0, 2, 3, 1).reshape(image.shape[2], image.shape[1])
 
@@ -52,7 +52,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.reshape(-1, x.shape[-1])
     if not by_onednn(rows, weight):
         return F.linear(x, weight, bias)
-    return _rows(F.conv2d(_image(rows), _kernel(weight), bias)).view(*x.shape[:-1], weight.shape[0])
+    return _from_image(F.conv2d(_image(rows), _kernel(weight), bias)).view(*x.shape[:-1], weight.shape[0])
 
 
 def addmm(add: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
@@ -62,7 +62,7 @@ def addmm(add: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
     if not by_onednn(rows, weight):
         return torch.addmm(add, rows, weight.t(), out=out)
     bias = add if add.dim() == 1 else None
-    product = _rows(F.conv2d(_image(rows), _kernel(weight), bias))
+    product = _from_image(F.conv2d(_image(rows), _kernel(weight), bias))
     if bias is None:
         return torch.add(add, product, out=out)
     return product if out is None else out.copy_(product)
@@ -77,4 +77,4 @@ def linear_backward(grad: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor
     grad_image, grad_weight, _ = torch.ops.aten.convolution_backward(
         _image(grad), _image(rows), _kernel(weight), None, (1, 1), (0, 0), (1, 1), False, (0, 0), 1,
         (input_grad, weight_grad, False))
-    return _rows(grad_image) if input_grad else None, grad_weight.view(weight.shape) if weight_grad else None
+    return _from_image(grad_image) if input_grad else None, grad_weight.view(weight.shape) if weight_grad else None

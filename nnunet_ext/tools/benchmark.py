@@ -3,10 +3,15 @@
 Every network is built from the same plans, at their patch and batch size, each measured in a fresh
 process (nnunet_ext.tools.measure): parameters, forward FLOPs per patch (torch's FlopCounterMode, two
 FLOPs per multiply-accumulate), the training step's and one patch's inference time, and peak memory,
-each also as a ratio to nnU-Net's network from these plans.
+each also as a ratio to nnU-Net's network from these plans. nnU-Net's network is timed first and last and its
+times averaged; with `--rounds N` all of it runs N times over and every figure and ratio is the median of the
+rounds', each ratio against its own round's reference: a shared machine's slow or quick minutes move single runs
+by a tenth or more.
 """
 
 from __future__ import annotations
+
+import statistics
 
 import torch
 
@@ -15,7 +20,7 @@ from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_datas
 from nnunet_ext.registry import get_architecture
 from nnunet_ext.tools.measure import MEMORY_MEASURES, isolated, timed, timed_with_peak
 from nnunet_ext.tools.options import (add_architectures_option, add_dataset_options, add_device_options,
-                                      add_output_option, architectures)
+                                      add_output_option, architectures, positive_int)
 from nnunet_ext.tools.plans_io import load_configuration
 from nnunet_ext.tools.report import (figure, megabytes, memory_label, output_paths, progress, ratio, records, seconds,
                                      text_table, write_csv, write_json, written)
@@ -124,43 +129,66 @@ THROUGHPUTS = {"train_throughput_vs_nnunet": ("train_seconds", "throughput, trai
                "inference_throughput_vs_nnunet": ("inference_seconds", "throughput, inference")}
 
 
-# The reference's figures measured at both ends of a run and averaged.
+# The reference's figures measured at both ends of a round and averaged.
 REFERENCE_TIMES = ("train_seconds", "inference_seconds")
 
 
-def benchmark_networks(names, dataset, configuration: str, plans: str = "nnUNetPlans",
-                       device: str = "cpu", repeats: int = 3, progress=print) -> dict:
-    """Parameters, forward FLOPs per patch, training-step time, one-patch inference time and peak
-    memory of each architecture and of the references (nnU-Net's own network first, then Primus
-    where the plans allow it), at the plans' patch and batch size; nnU-Net's network is timed again at the
-    end (`REFERENCE_TIMES`). Needs the plans only, not preprocessed data. Returns the report: the setting, one
-    row per network with each figure and its ratio to nnU-Net's network, and notes on references left out."""
-    cm = load_configuration(dataset, configuration, plans)[0]
-    notes = [f"Primus-B left out: {why}."] if (why := primus_unsupported(cm)) else []
-    names = [n for n in REFERENCES if not (n == "Primus-B" and why)] + list(names)
-    # nnU-Net's network once more at the end: every ratio divides by its times, which a quick or slow minute of a
-    # shared machine would otherwise set alone; its times are the mean of both measurements.
-    runs = names + ["nnU-Net"]
-    rows = []
-    for i, name in enumerate(runs, 1):
-        again = " again, its times the mean of both" if i == len(runs) else ""
-        progress(f"  [{i}/{len(runs)}] {name}{again}: {repeats + 1} training steps and {repeats + 1} patch "
-                 "predictions at the plans' patch and batch size ...")
-        rows.append(isolated(_measure_network, name, dataset, configuration, plans, device, repeats, device=device))
-    last = rows.pop()
-    for key in REFERENCE_TIMES:
-        rows[0][f"{key}_first"], rows[0][f"{key}_last"] = rows[0][key], last[key]
-        rows[0][key] = (rows[0][key] + last[key]) / 2
+def _ratios(rows: list[dict]) -> list[dict]:
+    """Each row's figures as ratios to the first row's (nnU-Net's network), and its throughputs."""
     for row in rows:
         for key in NETWORK_FIGURES:
             row[f"{key}_vs_nnunet"] = row[key] / rows[0][key] if rows[0][key] else None
         for key, (time_key, _) in THROUGHPUTS.items():
             row[key] = (row["flops_vs_nnunet"] / row[f"{time_key}_vs_nnunet"]
                         if row["flops_vs_nnunet"] and row[f"{time_key}_vs_nnunet"] else None)
+    return rows
+
+
+def _median_row(measured: tuple[dict, ...]) -> dict:
+    """One network's rounds as one row: each figure and each ratio the median of the rounds' (a ratio is
+    the median of the rounds' ratios, each against the reference of its own round)."""
+    row = dict(measured[0])
+    for key, value in row.items():
+        if isinstance(value, (int, float)) and all(m[key] is not None for m in measured):
+            row[key] = statistics.median(m[key] for m in measured)
+    return row
+
+
+def benchmark_networks(names, dataset, configuration: str, plans: str = "nnUNetPlans",
+                       device: str = "cpu", repeats: int = 3, progress=print, rounds: int = 1) -> dict:
+    """Parameters, forward FLOPs per patch, training-step time, one-patch inference time and peak
+    memory of each architecture and of the references (nnU-Net's own network first, then Primus
+    where the plans allow it), at the plans' patch and batch size; nnU-Net's network is timed again at the
+    end (`REFERENCE_TIMES`). With `rounds` > 1 all of it is repeated and every figure and ratio is the median
+    of the rounds'. Needs the plans only, not preprocessed data. Returns the report: the setting, one
+    row per network with each figure and its ratio to nnU-Net's network, every round's rows, and notes on
+    references left out."""
+    cm = load_configuration(dataset, configuration, plans)[0]
+    notes = [f"Primus-B left out: {why}."] if (why := primus_unsupported(cm)) else []
+    names = [n for n in REFERENCES if not (n == "Primus-B" and why)] + list(names)
+    # nnU-Net's network once more at the end: every ratio divides by its times, which a quick or slow minute of a
+    # shared machine would otherwise set alone; its times are the mean of both measurements.
+    runs = names + names[:1]
+    measured_rounds = []
+    for r in range(1, rounds + 1):
+        rows = []
+        for i, name in enumerate(runs, 1):
+            step = f"round {r}/{rounds}, [{i}/{len(runs)}]" if rounds > 1 else f"[{i}/{len(runs)}]"
+            again = " again, its times the mean of both" if i == len(runs) else ""
+            progress(f"  {step} {name}{again}: {repeats + 1} training steps and {repeats + 1} patch "
+                     "predictions at the plans' patch and batch size ...")
+            rows.append(isolated(_measure_network, name, dataset, configuration, plans, device, repeats,
+                                 device=device))
+        last = rows.pop()
+        for key in REFERENCE_TIMES:
+            rows[0][f"{key}_first"], rows[0][f"{key}_last"] = rows[0][key], last[key]
+            rows[0][key] = (rows[0][key] + last[key]) / 2
+        measured_rounds.append(_ratios(rows))
     return {"dataset": maybe_convert_to_dataset_name(dataset), "configuration": configuration, "plans": plans,
-            "device": device, "repeats": repeats, "patch_size": list(cm.patch_size), "batch_size": cm.batch_size,
-            "reference": cm.network_arch_class_name.rsplit(".", 1)[-1], "torch": torch.__version__,
-            "memory_measure": MEMORY_MEASURES["cuda" if device == "cuda" else "cpu"], "rows": rows, "notes": notes}
+            "device": device, "repeats": repeats, "rounds": rounds, "patch_size": list(cm.patch_size),
+            "batch_size": cm.batch_size, "reference": cm.network_arch_class_name.rsplit(".", 1)[-1],
+            "torch": torch.__version__, "memory_measure": MEMORY_MEASURES["cuda" if device == "cuda" else "cpu"],
+            "rows": [_median_row(m) for m in zip(*measured_rounds)], "round_rows": measured_rounds, "notes": notes}
 
 
 def network_table(report: dict) -> list[list[str]]:
@@ -171,11 +199,20 @@ def network_table(report: dict) -> list[list[str]]:
     for key, label in NETWORK_FIGURES.items():
         header += [memory_label(report["device"]) if key == "peak_bytes" else label, "vs nnU-Net"]
     table = [header + [label for _, label in THROUGHPUTS.values()]]
-    for r in report["rows"]:
+    for i, r in enumerate(report["rows"]):
         table.append([r["network"]] + [cell for key in NETWORK_FIGURES
-                                       for cell in (formats[key](r[key]), ratio(r[key], report["rows"][0][key]))]
-                     + ["-" if r[key] is None else f"{r[key]:.2f}" for key in THROUGHPUTS])
+                                       for cell in (formats[key](r[key]), ratio(r[f"{key}_vs_nnunet"], 1))]
+                     + [_throughput(r[key], [rows[i][key] for rows in report["round_rows"]]) for key in THROUGHPUTS])
     return table
+
+
+def _throughput(median: float | None, rounds: list[float | None]) -> str:
+    """A throughput ratio, with the range of the rounds' after it where there were several."""
+    if median is None:
+        return "-"
+    if len(rounds) == 1 or None in rounds:
+        return f"{median:.2f}"
+    return f"{median:.2f} ({min(rounds):.2f}-{max(rounds):.2f})"
 
 
 def network_chart(report: dict, path) -> None:
@@ -207,14 +244,18 @@ def add_arguments(parser) -> None:
     add_architectures_option(parser)
     add_device_options(parser)
     add_output_option(parser)
+    parser.add_argument("--rounds", type=positive_int, default=1,
+                        help="measure every network this many times over, each round with its own reference "
+                             "times, and report the medians of the rounds' figures and ratios (default: 1)")
 
 
 def main(args) -> int:
     report = benchmark_networks(architectures(args), args.dataset, args.configuration, args.plans, args.device,
-                                args.repeats, progress=progress)
+                                args.repeats, progress=progress, rounds=args.rounds)
+    rounds = f"; the median of {args.rounds} rounds (their range)" if args.rounds > 1 else ""
     print(f"{report['dataset']} {args.configuration} ({args.plans}): patch {tuple(report['patch_size'])}, batch "
-          f"{report['batch_size']}, {args.device}; median of {args.repeats}; nnU-Net: its {report['reference']} "
-          "from these plans, timed first and last (the mean)")
+          f"{report['batch_size']}, {args.device}; median of {args.repeats} runs{rounds}; nnU-Net: its "
+          f"{report['reference']} from these plans, timed first and last in each round (the mean)")
     print(text_table(network_table(report)))
     for note in report["notes"]:
         print(note)

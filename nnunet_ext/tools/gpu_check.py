@@ -35,7 +35,8 @@ import torch
 from nnunet_ext.memory_models import REFERENCE, relative_memory
 from nnunet_ext.registry import ARCHITECTURES, get_architecture
 from nnunet_ext.tools.memory import LiveTensorBytes, build, default_plans_architecture, footprint
-from nnunet_ext.tools.options import add_architectures_option, add_output_option, architectures, available_device
+from nnunet_ext.tools.options import (add_architectures_option, add_output_option, architectures, available_device,
+                                      positive_int)
 from nnunet_ext.tools.report import (error_text, markdown_table, megabytes, output_paths, progress, seconds,
                                      write_json, written)
 
@@ -295,7 +296,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="small plans, 4 steps, aot_eager compile: CI's "
                         "run on CPU")
     parser.add_argument("-c", "--configurations", nargs="+", choices=list(PLANS), default=list(PLANS))
-    parser.add_argument("--steps", type=int, default=None, help="training steps per network (default: 30; quick: 4)")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="training steps per network (default: 30; quick: 4)")
     parser.add_argument("--backend", default=None, help="torch.compile's backend (default: inductor, nnU-Net's; "
                         "quick: aot_eager)")
     add_architectures_option(parser)

@@ -18,10 +18,21 @@ def available_device(name: str) -> str:
     return name
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def add_device_options(parser: argparse.ArgumentParser) -> None:
     """The options every benchmark takes."""
     parser.add_argument("--device", default="cpu", type=available_device, help="cpu (default), cuda or mps")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs; the tables report their median")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs; the tables report their median")
 
 
 def add_dataset_options(parser: argparse.ArgumentParser, required: bool = True, help: str = "name or id") -> None:
