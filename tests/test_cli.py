@@ -88,3 +88,13 @@ def test_help_names_every_command_and_env_stays_light():
     assert light.stdout.splitlines() == [discovery.env_line(), "[]"]
     unknown = cli("benchmrk")
     assert unknown.returncode == 2 and "invalid choice: 'benchmrk'" in unknown.stderr
+
+
+def test_every_architecture_option_counts_once():
+    """-a given twice adds to the first (argparse would keep only the last), and a name given twice runs once."""
+    from nnunet_ext.tools.cli import build_parser
+    from nnunet_ext.tools.options import architectures
+
+    args = build_parser("benchmark").parse_args(["benchmark", "-d", "999", "-a", "ukan", "lkm_unet", "-a", "ukan",
+                                                 "mednext_s"])
+    assert architectures(args) == ["ukan", "lkm_unet", "mednext_s"]

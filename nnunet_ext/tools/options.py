@@ -47,11 +47,13 @@ def add_output_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_architectures_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-a", "--architectures", nargs="+", help="registered names (default: all)")
+    parser.add_argument("-a", "--architectures", nargs="+", action="extend",
+                        help="registered names (default: all); -a may be given more than once")
 
 
 def architectures(args) -> list[str]:
-    """The registered names `-a` gives (all by default); an unknown one is a KeyError with suggestions."""
+    """The registered names `-a` gives (all by default), each once, in order; an unknown one is a KeyError with
+    suggestions."""
     from nnunet_ext.registry import ARCHITECTURES, get_architecture
 
-    return [get_architecture(a).name for a in (args.architectures or ARCHITECTURES)]
+    return list(dict.fromkeys(get_architecture(a).name for a in (args.architectures or ARCHITECTURES)))
